@@ -1,0 +1,322 @@
+"""``E5VEmbedder``: texts, images, interleaved and composed inputs into E5-V's shared space."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from e5v import loading, runner
+from e5v.batching import chunked, plan_batches
+from e5v.errors import EmbeddingError, InvalidInputError
+from e5v.inputs import (
+    DEFAULT_MAX_IMAGE_PIXELS,
+    ImageLoader,
+    Interleaved,
+    Request,
+    check_lengths,
+    composed_request,
+    image_request,
+    interleaved_request,
+    text_request,
+    to_request,
+)
+from e5v.prompts import IMAGE_TOKEN, PromptSet, check_body, fill, get_prompts
+
+__all__ = ["DEFAULT_MODEL", "E5VEmbedder"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "royokong/e5-v"
+#: Items prepared (decoded, tiled, tokenised) ahead of the model at a time.
+WINDOW_BATCHES = 4
+#: Texts longer than this many tokens are cut (with a warning) before prompting.
+DEFAULT_MAX_TEXT_TOKENS = 2048
+
+
+@dataclass
+class _Prepared:
+    keys: list[tuple[Any, ...]]  # unique request keys of the window, in order
+    encoded: list[runner.Encoded]
+
+
+class E5VEmbedder:
+    """E5-V embeddings: unit-length float32 vectors, one per input, in input order.
+
+    ``model_name_or_path`` is a hub id or a local directory saved with
+    ``save_pretrained``. ``device=None`` picks CUDA when available, else CPU;
+    ``dtype=None`` picks bfloat16 (float16 where unsupported) on GPU, float32 on CPU.
+    ``device_map`` is passed to transformers (accelerate) for multi-GPU or offload.
+    ``prompts`` is a preset name of :data:`e5v.prompts.PRESETS` or a
+    :class:`~e5v.prompts.PromptSet` (default: the paper's).
+
+    Batches hold at most ``batch_size`` items and ``max_batch_tokens`` padded tokens.
+    The same checkpoint loaded twice with the same options is shared, not reloaded.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | Path = DEFAULT_MODEL,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        batch_size: int = 16,
+        max_batch_tokens: int | None = 16384,
+        prompts: str | PromptSet | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        device_map: str | dict[str, Any] | None = None,
+        allow_pickle: bool = False,
+        allow_remote: bool = False,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        max_text_tokens: int = DEFAULT_MAX_TEXT_TOKENS,
+        show_progress_bar: bool = False,
+        model_kwargs: dict[str, Any] | None = None,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        self.prompts = get_prompts(prompts)
+        self.batch_size = batch_size
+        self.max_batch_tokens = max_batch_tokens
+        self.max_text_tokens = max_text_tokens
+        self.show_progress_bar = show_progress_bar
+        self._loaded = loading.load(
+            model_name_or_path,
+            device=device,
+            dtype=dtype,
+            revision=revision,
+            cache_dir=cache_dir,
+            device_map=device_map,
+            allow_pickle=allow_pickle,
+            model_kwargs=model_kwargs,
+        )
+        self._images = ImageLoader(max_image_pixels=max_image_pixels, allow_remote=allow_remote)
+
+    # -- properties -----------------------------------------------------------------
+
+    @property
+    def dimension(self) -> int:
+        """Vector size, from the model config (4096 for E5-V)."""
+        return self._loaded.dimension
+
+    @property
+    def model_name(self) -> str:
+        return self._loaded.name
+
+    @property
+    def revision(self) -> str | None:
+        return self._loaded.revision
+
+    @property
+    def device(self) -> torch.device:
+        return self._loaded.input_device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._loaded.dtype
+
+    @property
+    def model(self) -> Any:
+        """The underlying ``LlavaNextForConditionalGeneration``."""
+        return self._loaded.model
+
+    @property
+    def processor(self) -> Any:
+        """The underlying ``LlavaNextProcessor``."""
+        return self._loaded.processor
+
+    def __repr__(self) -> str:
+        return f"E5VEmbedder({self.model_name!r}, device={str(self.device)!r}, dtype={self.dtype})"
+
+    # -- public embedding API ---------------------------------------------------------
+
+    def embed_texts(self, texts: Sequence[str], *, prompt: str | None = None, **options: Any) -> np.ndarray:
+        """Embed texts with the text prompt (or ``prompt``, a BODY with ``<sent>``)."""
+        requests = [text_request(text, i) for i, text in enumerate(_as_list(texts, "texts"))]
+        return self._run(requests, self._bodies(text=prompt), **options)
+
+    def embed_images(self, images: Sequence[Any], *, prompt: str | None = None, **options: Any) -> np.ndarray:
+        """Embed image-likes (a ``str`` is a path or URI) with the image prompt
+        (or ``prompt``, a BODY with ``<image>``)."""
+        requests = [image_request(image, i) for i, image in enumerate(_as_list(images, "images"))]
+        return self._run(requests, self._bodies(image=prompt), **options)
+
+    def embed_composed(
+        self, images: Sequence[Any], texts: Sequence[str], *, prompt: str | None = None, **options: Any
+    ) -> np.ndarray:
+        """Embed composed queries: ``images[i]`` modified as ``texts[i]`` says (CIRR prompt)."""
+        images, texts = _as_list(images, "images"), _as_list(texts, "texts")
+        check_lengths(images, texts)
+        requests = [composed_request(image, text, i) for i, (image, text) in enumerate(zip(images, texts))]
+        return self._run(requests, self._bodies(composed=prompt), **options)
+
+    def embed_interleaved(
+        self, items: Sequence[Interleaved | Sequence[Any]], *, prompt: str | None = None, **options: Any
+    ) -> np.ndarray:
+        """Embed interleaved items (``Interleaved`` or sequences of parts), one vector each."""
+        requests = [
+            interleaved_request(item if isinstance(item, Interleaved) else Interleaved(item), i)
+            for i, item in enumerate(_as_list(items, "items"))
+        ]
+        return self._run(requests, self._bodies(interleaved=prompt), **options)
+
+    def embed(self, items: Sequence[Any], *, prompts: str | PromptSet | None = None, **options: Any) -> np.ndarray:
+        """Embed a mixed list: ``str`` is text; ``Interleaved``, ``Composed``, or an image-like
+        (``pathlib.Path``, PIL, bytes, numpy array, binary file)."""
+        requests = [to_request(item, i) for i, item in enumerate(_as_list(items, "items"))]
+        prompt_set = self.prompts if prompts is None else get_prompts(prompts)
+        return self._run(requests, _bodies_of(prompt_set), **options)
+
+    def similarity(self, a: Any, b: Any) -> float:
+        """Cosine similarity of two inputs of any kind (as in :meth:`embed`)."""
+        first, second = self.embed([a, b])
+        return float(first @ second)
+
+    # -- pipeline -----------------------------------------------------------------------
+
+    def _bodies(self, **overrides: str | None) -> dict[str, str]:
+        bodies = _bodies_of(self.prompts)
+        for kind, body in overrides.items():
+            if body is not None:
+                check_body(body, kind)
+                bodies[kind] = body
+        return bodies
+
+    def _run(
+        self,
+        requests: list[Request],
+        bodies: dict[str, str],
+        *,
+        batch_size: int | None = None,
+        show_progress_bar: bool | None = None,
+    ) -> np.ndarray:
+        out = np.empty((len(requests), self.dimension), dtype=np.float32)
+        if not requests:
+            return out
+        first_of: dict[tuple[Any, ...], Request] = {}
+        rows_of: dict[tuple[Any, ...], list[int]] = {}
+        for request in requests:
+            key = request.key()
+            first_of.setdefault(key, request)
+            rows_of.setdefault(key, []).append(request.index)
+        unique = list(first_of.values())
+        if len(unique) < len(requests):
+            logger.debug("embedding %d unique of %d items", len(unique), len(requests))
+        size = batch_size or self.batch_size
+        progress = _progress(len(requests), self.show_progress_bar if show_progress_bar is None else show_progress_bar)
+        try:
+            for prepared in self._prepared_windows(unique, bodies, size * WINDOW_BATCHES):
+                costs = [item.length for item in prepared.encoded]
+                for batch in plan_batches(costs, max_items=size, max_tokens=self.max_batch_tokens):
+                    vectors = self._forward([prepared.encoded[i] for i in batch])
+                    for position, vector in zip(batch, vectors):
+                        rows = rows_of[prepared.keys[position]]
+                        out[rows] = vector
+                        progress(len(rows))
+        finally:
+            progress(None)
+        return out
+
+    def _prepared_windows(
+        self, unique: list[Request], bodies: dict[str, str], window: int
+    ) -> Iterator[_Prepared]:
+        """Prepare windows of requests on a worker thread, one window ahead of the model."""
+        windows = list(chunked(unique, window))
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="e5v-prepare") as pool:
+            pending: Future[_Prepared] = pool.submit(self._prepare, windows[0], bodies)
+            for following in windows[1:]:
+                current = pending.result()
+                pending = pool.submit(self._prepare, following, bodies)
+                yield current
+            yield pending.result()
+
+    def _prepare(self, requests: Sequence[Request], bodies: dict[str, str]) -> _Prepared:
+        keys, encoded = [], []
+        for request in requests:
+            images = [self._images.load(image, request.index) for image in request.images]
+            text = self._truncate(request.text, request.index) if request.kind != "image" else ""
+            prompt = self.prompts.wrap(fill(bodies[request.kind], text))
+            keys.append(request.key())
+            encoded.append(runner.encode(self._loaded, prompt, images))
+        return _Prepared(keys, encoded)
+
+    def _truncate(self, text: str, index: int) -> str:
+        """Cut text longer than ``max_text_tokens`` tokens (image slots excepted)."""
+        if len(text.encode("utf-8")) <= self.max_text_tokens:
+            return text  # a byte-level token covers at least one byte
+        tokenizer = self._loaded.processor.tokenizer
+        pieces = text.split(IMAGE_TOKEN)
+        counts = [len(tokenizer(piece, add_special_tokens=False)["input_ids"]) for piece in pieces]
+        if sum(counts) <= self.max_text_tokens:
+            return text
+        logger.warning(
+            "item %d: text of %d tokens cut to max_text_tokens=%d", index, sum(counts), self.max_text_tokens
+        )
+        budget = self.max_text_tokens
+        kept = []
+        for piece, count in zip(pieces, counts):
+            ids = tokenizer(piece, add_special_tokens=False)["input_ids"][: max(budget, 0)]
+            kept.append(tokenizer.decode(ids) if count > budget else piece)
+            budget -= min(count, budget)
+        return IMAGE_TOKEN.join(kept)
+
+    def _forward(self, batch: list[runner.Encoded]) -> np.ndarray:
+        """Forward one batch; on CUDA out-of-memory, halve it and retry down to one item."""
+        try:
+            with self._loaded.lock, torch.inference_mode():
+                vectors = runner.forward(self._loaded, batch)
+        except torch.cuda.OutOfMemoryError as exc:
+            if len(batch) == 1:
+                raise EmbeddingError(
+                    f"out of GPU memory on a single item of {batch[0].length} tokens; use a smaller dtype, "
+                    "device_map='auto', or a lower image resolution"
+                ) from exc
+            torch.cuda.empty_cache()
+            half = len(batch) // 2
+            logger.warning("out of GPU memory on a batch of %d; retrying in halves", len(batch))
+            return np.concatenate([self._forward(batch[:half]), self._forward(batch[half:])])
+        result = vectors.cpu().numpy()
+        if not np.isfinite(result).all():
+            raise EmbeddingError(
+                "the model produced non-finite values (overflow in float16?); use dtype='bfloat16' or 'float32'"
+            )
+        return result
+
+
+def _bodies_of(prompt_set: PromptSet) -> dict[str, str]:
+    return {
+        "text": prompt_set.text,
+        "image": prompt_set.image,
+        "composed": prompt_set.composed,
+        "interleaved": prompt_set.interleaved,
+    }
+
+
+def _as_list(items: Sequence[Any], name: str) -> list[Any]:
+    if isinstance(items, (str, bytes, Image.Image, np.ndarray, Interleaved)) or not hasattr(items, "__iter__"):
+        raise InvalidInputError(f"{name} must be a list of items, got a single {type(items).__name__}; wrap it in [ ]")
+    return list(items)
+
+
+def _progress(total: int, enabled: bool) -> Callable[[int | None], None]:
+    """A progress callback: ``n`` items done, ``None`` to close."""
+    if not enabled:
+        return lambda _n: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, desc="Embedding", unit="item")
+
+    def update(n: int | None) -> None:
+        if n is None:
+            bar.close()
+        else:
+            bar.update(n)
+
+    return update

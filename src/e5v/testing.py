@@ -1,0 +1,232 @@
+"""Tiny, randomly initialised LLaVA-NeXT checkpoints for offline tests.
+
+They have E5-V's structure (Llama-style decoder with grouped-query attention, CLIP
+vision tower, anyres tiling, a Llama-3-style byte-level tokenizer carrying the chat
+special tokens and ``<image>``) at a size that builds and runs in seconds on a CPU.
+Load them by path through :class:`e5v.E5VEmbedder`, exactly like ``royokong/e5-v``::
+
+    from e5v.testing import build_tiny_checkpoint
+    path = build_tiny_checkpoint(tmp_path / "tiny")
+    emb = E5VEmbedder(path)
+
+Presets:
+
+- ``"tiny"``: tokenizer saved padding on the right.
+- ``"tiny-left"``: the same, padding on the left.
+- ``"tiny-published"``: shaped like the published ``royokong/e5-v``, with both of its
+  traps under current transformers: the ``<image>`` id equals the language model's
+  ``vocab_size`` (one past the embedding table) and the saved processor has no
+  ``patch_size``.
+- ``"small"``: larger, with E5-V's proportions (see :data:`PRESETS`), for CPU benchmarks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from e5v.prompts import IMAGE_TOKEN, LLAMA3_SPECIAL_TOKENS
+
+__all__ = ["PRESETS", "CheckpointSpec", "build_tiny_checkpoint", "llava_next_config"]
+
+logger = logging.getLogger(__name__)
+
+BOS_TOKEN = "<|begin_of_text|>"
+EOS_TOKEN = "<|end_of_text|>"
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """Shapes of a LLaVA-NeXT checkpoint (defaults: a tiny one)."""
+
+    hidden_size: int = 64
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+    intermediate_size: int = 128
+    vision_hidden_size: int = 32
+    vision_num_hidden_layers: int = 2
+    vision_num_attention_heads: int = 2
+    vision_intermediate_size: int = 64
+    image_size: int = 28
+    patch_size: int = 14
+    tokenizer_vocab_size: int = 600
+    max_position_embeddings: int = 4096
+    padding_side: str = "right"
+    published_traps: bool = False
+
+    @property
+    def grid_pinpoints(self) -> list[list[int]]:
+        """E5-V's anyres grid (336 base, up to 672x672), scaled to ``image_size``."""
+        s = self.image_size
+        return [[s, 2 * s], [2 * s, s], [2 * s, 2 * s], [3 * s, s], [s, 3 * s]]
+
+
+PRESETS: dict[str, CheckpointSpec] = {
+    "tiny": CheckpointSpec(),
+    "tiny-left": CheckpointSpec(padding_side="left"),
+    "tiny-published": CheckpointSpec(padding_side="left", published_traps=True),
+    # E5-V's proportions at 1/16 of the width: 4096 -> 256 hidden, 32 -> 4 layers,
+    # 32 heads / 8 KV heads -> 8 / 2, MLP ratio 3.5, CLIP-L ratio 4, 336 px / 14 px
+    # patches -> 112 px / 14 px (64 tokens a tile), the same anyres grid.
+    "small": CheckpointSpec(
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=896,
+        vision_hidden_size=128,
+        vision_num_hidden_layers=4,
+        vision_num_attention_heads=4,
+        vision_intermediate_size=512,
+        image_size=112,
+        tokenizer_vocab_size=4000,
+    ),
+}
+
+_CORPUS = (
+    "A dog is running in the park. A cat sleeps on a warm sofa. The astronaut floats above "
+    "the earth. A red rocket stands on the launch pad. A cup of coffee on a wooden table. "
+    "Summary above sentence in one word: Summary above image in one word: Describe this "
+    "image in one word: Modify this image with, desribe modified image in one word: "
+    "The quick brown fox jumps over the lazy dog. Product photo of a waterproof jacket. "
+    "Make it red with long sleeves. A parked car near the river. 0123456789"
+)
+
+
+def _build_tokenizer(spec: CheckpointSpec):  # -> PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=spec.tokenizer_vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    specials = [BOS_TOKEN, EOS_TOKEN, *LLAMA3_SPECIAL_TOKENS]
+    tok.add_special_tokens(specials)
+    tok.add_special_tokens([IMAGE_TOKEN])  # last, as in E5-V: id == len(tokenizer) - 1
+    bos_id = tok.token_to_id(BOS_TOKEN)
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS_TOKEN} $A", pair=f"{BOS_TOKEN} $A {BOS_TOKEN} $B", special_tokens=[(BOS_TOKEN, bos_id)]
+    )
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token=BOS_TOKEN,
+        eos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        padding_side=spec.padding_side,
+        model_max_length=spec.max_position_embeddings,
+    )
+    return fast
+
+
+def llava_next_config(spec: CheckpointSpec, *, vocab_size: int, image_token_index: int):  # -> LlavaNextConfig
+    """A ``LlavaNextConfig`` with E5-V's structure and the shapes in ``spec``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig
+
+    text = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=spec.hidden_size,
+        intermediate_size=spec.intermediate_size,
+        num_hidden_layers=spec.num_hidden_layers,
+        num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        max_position_embeddings=spec.max_position_embeddings,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden_size,
+        intermediate_size=spec.vision_intermediate_size,
+        num_hidden_layers=spec.vision_num_hidden_layers,
+        num_attention_heads=spec.vision_num_attention_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch_size,
+        projection_dim=spec.vision_hidden_size,
+        hidden_act="quick_gelu",
+    )
+    return LlavaNextConfig(
+        vision_config=vision.to_dict(),
+        text_config=text.to_dict(),
+        image_token_index=image_token_index,
+        image_grid_pinpoints=spec.grid_pinpoints,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=(spec.image_size // spec.patch_size) ** 2,
+        tie_word_embeddings=False,
+    )
+
+
+def build_tiny_checkpoint(path: str | Path, preset: str | CheckpointSpec = "tiny", *, seed: int = 0) -> Path:
+    """Build a random LLaVA-NeXT checkpoint (model + processor) at ``path`` and return it.
+
+    Offline and deterministic for a given ``seed``; a few seconds on a CPU.
+    """
+    import torch
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+    spec = PRESETS[preset] if isinstance(preset, str) else preset
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+
+    tokenizer = _build_tokenizer(spec)
+    image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    # The published checkpoint's language model has no row for <image>: vocab_size == its id.
+    vocab_size = image_token_index if spec.published_traps else len(tokenizer)
+    config = llava_next_config(spec, vocab_size=vocab_size, image_token_index=image_token_index)
+
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config).eval()
+    model.save_pretrained(path, safe_serialization=True)
+
+    size = spec.image_size
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_grid_pinpoints=spec.grid_pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=spec.patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )
+    processor.save_pretrained(path)
+    if spec.published_traps:
+        _strip_processor_fields(path)
+    logger.debug("built %s checkpoint at %s", preset, path)
+    return path
+
+
+def _strip_processor_fields(path: Path) -> None:
+    """Save the processor as transformers 4.41 did for E5-V: no patch size, no strategy."""
+    stripped = False
+    for name in ("processor_config.json", "preprocessor_config.json"):
+        file = path / name
+        if not file.exists():
+            continue
+        data = json.loads(file.read_text())
+        targets = [data, data.get("processor", {})] if isinstance(data.get("processor"), dict) else [data]
+        for target in targets:
+            for key in ("patch_size", "vision_feature_select_strategy", "num_additional_image_tokens"):
+                if key in target:
+                    target.pop(key)
+                    stripped = True
+        file.write_text(json.dumps(data, indent=2))
+    if not stripped:
+        raise RuntimeError(f"no processor config with patch_size found under {path}")
+
+
+def spec_with(preset: str, **changes: object) -> CheckpointSpec:
+    """A preset's spec with some fields changed."""
+    return replace(PRESETS[preset], **changes)  # type: ignore[arg-type]

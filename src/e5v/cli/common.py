@@ -1,0 +1,29 @@
+"""Options and helpers shared by the subcommands."""
+
+from __future__ import annotations
+
+import argparse
+from typing import TYPE_CHECKING
+
+from e5v.embedder import DEFAULT_MODEL
+
+if TYPE_CHECKING:
+    from e5v.embedder import E5VEmbedder
+
+__all__ = ["add_model_options", "embedder_from_args"]
+
+
+def add_model_options(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device``, ``--dtype``, ``--batch-size``."""
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default: {DEFAULT_MODEL})")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
+    group.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    group.add_argument("--batch-size", type=int, default=16, help="items per forward pass (default: 16)")
+
+
+def embedder_from_args(args: argparse.Namespace, **options: object) -> E5VEmbedder:
+    """Load the model once for this command, from the model options."""
+    from e5v.embedder import E5VEmbedder
+
+    return E5VEmbedder(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, **options)

@@ -11,8 +11,10 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from e5v import E5VEmbedder, ModelLoadError
 
-PROMPT = "<|start_header_id|>user<|end_header_id|>\n\n<image>\nSummary above image in one word: <|eot_id|>" \
+PROMPT = (
+    "<|start_header_id|>user<|end_header_id|>\n\n<image>\nSummary above image in one word: <|eot_id|>"
     "<|start_header_id|>assistant<|end_header_id|>\n\n \n"
+)
 
 
 def test_preset_reproduces_both_traps(checkpoints, photos):

@@ -224,9 +224,7 @@ class E5VEmbedder:
             progress(None)
         return out
 
-    def _prepared_windows(
-        self, unique: list[Request], bodies: dict[str, str], window: int
-    ) -> Iterator[_Prepared]:
+    def _prepared_windows(self, unique: list[Request], bodies: dict[str, str], window: int) -> Iterator[_Prepared]:
         """Prepare windows of requests on a worker thread, one window ahead of the model."""
         windows = list(chunked(unique, window))
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="e5v-prepare") as pool:
@@ -256,9 +254,7 @@ class E5VEmbedder:
         counts = [len(tokenizer(piece, add_special_tokens=False)["input_ids"]) for piece in pieces]
         if sum(counts) <= self.max_text_tokens:
             return text
-        logger.warning(
-            "item %d: text of %d tokens cut to max_text_tokens=%d", index, sum(counts), self.max_text_tokens
-        )
+        logger.warning("item %d: text of %d tokens cut to max_text_tokens=%d", index, sum(counts), self.max_text_tokens)
         budget = self.max_text_tokens
         kept = []
         for piece, count in zip(pieces, counts):

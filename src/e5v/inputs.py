@@ -15,7 +15,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Union
+from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -42,7 +42,7 @@ __all__ = [
 #: Images whose header claims more pixels are refused before decoding (decompression bombs).
 DEFAULT_MAX_IMAGE_PIXELS = 64_000_000
 
-ImageLike = Union[Image.Image, str, Path, bytes, bytearray, memoryview, BinaryIO, np.ndarray]
+ImageLike = Image.Image | str | Path | bytes | bytearray | memoryview | BinaryIO | np.ndarray
 
 
 @dataclass(frozen=True, init=False)
@@ -84,7 +84,7 @@ def describe(obj: object) -> str:
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
-InputItem = Union[str, Interleaved, Composed, ImageLike]
+InputItem = str | Interleaved | Composed | ImageLike
 
 _FIX = (
     "pass a PIL image, a local path (str or pathlib.Path), encoded image bytes, a binary file object, "
@@ -135,9 +135,7 @@ class ImageLoader:
                 )
             return self._decode(io.BytesIO(self._fetch(value)), index, value)
         if "://" in value[:16]:
-            raise InvalidInputError(
-                f"{describe(value)} is a URL with an unsupported scheme; {_FIX}", index=index
-            )
+            raise InvalidInputError(f"{describe(value)} is a URL with an unsupported scheme; {_FIX}", index=index)
         return self._open_path(Path(value), index)
 
     def _open_path(self, path: Path, index: int) -> Image.Image:

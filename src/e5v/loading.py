@@ -8,15 +8,15 @@
    :func:`add_image_token_row` makes the plain transformers forward work too.
 2. its processor has no ``patch_size``: it is taken from ``vision_config.patch_size``.
 
-Neither fix changes an output value. Loaded models are shared: loading the same
-checkpoint with the same options again returns the object already in memory.
+Neither fix changes an output value. Loaded models are shared for the life of the
+process: loading the same checkpoint with the same options again returns the object
+already in memory (:func:`clear_cache` forgets them).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import torch
 
 from e5v.errors import ModelLoadError
 
-__all__ = ["LoadedModel", "add_image_token_row", "load", "resolve_device", "resolve_dtype"]
+__all__ = ["LoadedModel", "add_image_token_row", "clear_cache", "load", "resolve_device", "resolve_dtype"]
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +83,14 @@ class LoadedModel:
         return self.model.get_input_embeddings().weight.device
 
 
-_CACHE: weakref.WeakValueDictionary[tuple, LoadedModel] = weakref.WeakValueDictionary()
+_CACHE: dict[tuple[Any, ...], LoadedModel] = {}
 _CACHE_LOCK = threading.Lock()
+
+
+def clear_cache() -> None:
+    """Forget every loaded model (they are freed once no embedder holds them)."""
+    with _CACHE_LOCK:
+        _CACHE.clear()
 
 
 def load(

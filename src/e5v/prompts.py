@@ -37,8 +37,7 @@ LLAMA3_SPECIAL_TOKENS = ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>
 
 #: Llama-3 chat template; the tokenizer adds ``<|begin_of_text|>`` in front.
 CHAT_TEMPLATE_LLAMA3 = (
-    "<|start_header_id|>user<|end_header_id|>\n\n{BODY}<|eot_id|>"
-    "<|start_header_id|>assistant<|end_header_id|>\n\n \n"
+    "<|start_header_id|>user<|end_header_id|>\n\n{BODY}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n \n"
 )
 TEXT_PROMPT = "<sent>\nSummary above sentence in one word: "
 IMAGE_PROMPT = "<image>\nSummary above image in one word: "

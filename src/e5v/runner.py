@@ -45,7 +45,9 @@ def encode(loaded: LoadedModel, prompt: str, images: Sequence[Image.Image]) -> E
     sizes = batch["image_sizes"]
     pixel_values = batch["pixel_values"]
     tiles = [
-        pixel_values[i, : image_size_to_num_patches(sizes[i], config.image_grid_pinpoints, config.vision_config.image_size)]
+        pixel_values[
+            i, : image_size_to_num_patches(sizes[i], config.image_grid_pinpoints, config.vision_config.image_size)
+        ]
         for i in range(len(images))
     ]
     return Encoded(input_ids, torch.cat(tiles, dim=0), sizes)

@@ -29,6 +29,7 @@ from e5v.inputs import (
     to_request,
 )
 from e5v.prompts import IMAGE_TOKEN, PromptSet, check_body, fill, get_prompts
+from e5v.remote import RemotePolicy
 
 __all__ = ["DEFAULT_MODEL", "E5VEmbedder"]
 
@@ -74,7 +75,7 @@ class E5VEmbedder:
         cache_dir: str | Path | None = None,
         device_map: str | dict[str, Any] | None = None,
         allow_pickle: bool = False,
-        allow_remote: bool = False,
+        allow_remote: bool | RemotePolicy = False,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
         max_text_tokens: int = DEFAULT_MAX_TEXT_TOKENS,
         show_progress_bar: bool = False,

@@ -22,6 +22,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from e5v.errors import InvalidInputError
 from e5v.prompts import IMAGE_TOKEN
+from e5v.remote import RemotePolicy, fetch
 
 __all__ = [
     "DEFAULT_MAX_IMAGE_PIXELS",
@@ -93,25 +94,29 @@ _FIX = (
 
 
 class ImageLoader:
-    """Turns image-likes into RGB PIL images, with a pixel cap and an opt-in for URLs."""
+    """Turns image-likes into RGB PIL images, with a pixel cap and an opt-in for URLs.
+
+    ``allow_remote``: ``True`` fetches ``http(s)`` URLs under the default
+    :class:`~e5v.remote.RemotePolicy`, or pass a policy; ``False`` refuses them.
+    """
 
     def __init__(
         self,
         *,
         max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-        allow_remote: bool = False,
-        remote_fetcher: Any = None,
+        allow_remote: bool | RemotePolicy = False,
     ) -> None:
         self.max_image_pixels = max_image_pixels
-        self.allow_remote = allow_remote
-        self._fetch = remote_fetcher
+        self.remote: RemotePolicy | None = (
+            allow_remote if isinstance(allow_remote, RemotePolicy) else RemotePolicy() if allow_remote else None
+        )
 
     def load(self, obj: object, index: int) -> Image.Image:
         """Load one image-like as RGB, or raise :class:`InvalidInputError` naming ``index``."""
         if isinstance(obj, Image.Image):
             return self._to_rgb(obj, index, obj)
         if isinstance(obj, np.ndarray):
-            return _from_array(obj, index)
+            return self._to_rgb(_from_array(obj, index), index, obj)
         if isinstance(obj, (bytes, bytearray, memoryview)):
             return self._decode(io.BytesIO(bytes(obj)), index, obj)
         if isinstance(obj, Path):
@@ -127,13 +132,17 @@ class ImageLoader:
         if lowered.startswith("data:"):
             return self._decode(io.BytesIO(_decode_data_uri(value, index)), index, value)
         if lowered.startswith(("http://", "https://")):
-            if not self.allow_remote or self._fetch is None:
+            if self.remote is None:
                 raise InvalidInputError(
                     f"remote URL {describe(value)} refused: remote images are off by default; "
                     "download it yourself, or opt in with allow_remote=True",
                     index=index,
                 )
-            return self._decode(io.BytesIO(self._fetch(value)), index, value)
+            try:
+                data = fetch(value, self.remote)
+            except InvalidInputError as exc:
+                raise InvalidInputError(str(exc), index=index) from None
+            return self._decode(io.BytesIO(data), index, value)
         if "://" in value[:16]:
             raise InvalidInputError(f"{describe(value)} is a URL with an unsupported scheme; {_FIX}", index=index)
         return self._open_path(Path(value), index)
@@ -205,10 +214,10 @@ def _convert_rgb(image: Image.Image) -> Image.Image:
     if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
         data = np.asarray(image, dtype=np.float64)
         peak = 65535.0 if image.mode.startswith("I;16") or data.max(initial=0) > 255 else 255.0
-        image = Image.fromarray(np.clip(data / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(data / peak * 255.0 + 0.5, 0, 255).astype(np.uint8))
     elif image.mode == "F":
         data = np.nan_to_num(np.asarray(image, dtype=np.float64))
-        image = Image.fromarray(np.clip(data, 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(data, 0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "PA", "P", "RGBa", "La") or "transparency" in image.info:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -246,8 +255,7 @@ def _from_array(array: np.ndarray, index: int) -> Image.Image:
             f"{describe(array)} has an unsupported dtype; pass uint8 in [0, 255] or float in [0, 1]",
             index=index,
         )
-    mode = "L" if data.ndim == 2 else ("RGB" if data.shape[2] == 3 else "RGBA")
-    return _convert_rgb(Image.fromarray(np.ascontiguousarray(data), mode=mode))
+    return Image.fromarray(np.ascontiguousarray(data))  # L, RGB or RGBA by shape
 
 
 def _decode_data_uri(uri: str, index: int) -> bytes:

@@ -148,13 +148,17 @@ class ImageLoader:
         return self._open_path(Path(value), index)
 
     def _open_path(self, path: Path, index: int) -> Image.Image:
-        if not path.exists():
+        try:
+            exists, is_file = path.exists(), path.is_file()
+        except (OSError, ValueError) as exc:
+            raise InvalidInputError(f"{describe(path)} is not a usable path ({exc})", index=index) from None
+        if not exists:
             raise InvalidInputError(
                 f"image file {str(path)!r} does not exist; check the path (relative paths are resolved "
                 f"from {os.getcwd()!r})",
                 index=index,
             )
-        if not path.is_file():
+        if not is_file:
             raise InvalidInputError(f"{str(path)!r} is not a regular file; pass an image file", index=index)
         with path.open("rb") as handle:
             return self._decode(handle, index, path)
@@ -318,7 +322,7 @@ def content_key(obj: object) -> Any:
         try:
             stat = path.stat()
             return ("path", str(path.resolve()), stat.st_size, stat.st_mtime_ns)
-        except OSError:
+        except (OSError, ValueError):  # missing, or not a valid path at all: the loader says which
             return ("path", str(path))
     digest = hashlib.blake2b(digest_size=16)
     if isinstance(obj, (bytes, bytearray, memoryview)):

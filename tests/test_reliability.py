@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -17,6 +18,8 @@ from hypothesis import strategies as st
 from e5v import E5VEmbedder, EmbeddingError, InvalidInputError, ModelLoadError
 from e5v.inputs import ImageLoader
 from e5v.prompts import PRESETS, fill
+
+TAIL = "<|start_header_id|>assistant<|end_header_id|>\n\n \n"
 
 
 def png_bytes(image) -> bytes:
@@ -171,10 +174,8 @@ def test_remote_code_in_a_checkpoint_is_never_run(tiny_path, tmp_path):
     config = json.loads((hostile / "processor_config.json").read_text())
     config["auto_map"] = {"AutoProcessor": "evil.EvilProcessor"}
     (hostile / "processor_config.json").write_text(json.dumps(config))
-    try:
+    with contextlib.suppress(ModelLoadError, ValueError):
         E5VEmbedder(hostile, device="cpu").embed_texts(["hi"])
-    except (ModelLoadError, ValueError):
-        pass
     assert not marker.exists()
 
 

@@ -1,0 +1,247 @@
+"""``E5VEmbeddingFunction``: Chroma documents and images embedded by E5-V into one space."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from chromadb.api.types import Embeddable, EmbeddingFunction, Embeddings, Space, is_document, is_image
+from chromadb.utils.embedding_functions import register_embedding_function
+
+from e5v import DEFAULT_MODEL, E5VEmbedder, InvalidInputError, PromptSet
+from e5v.inputs import describe
+from e5v.loading import resolve_device, resolve_dtype
+from e5v.prompts import PRESETS, get_prompts
+
+__all__ = ["E5VEmbeddingFunction", "clear_cache"]
+
+logger = logging.getLogger(__name__)
+
+#: The keys of :meth:`E5VEmbeddingFunction.get_config`.
+CONFIG_KEYS = ("model_name", "revision", "dtype", "batch_size", "prompts")
+
+# Embedders shared by every function of this process: Chroma rebuilds the function
+# from its config on each add and query of a collection opened without one.
+# (model_name, revision, resolved dtype, prompts) -> {device: embedder}
+_EMBEDDERS: dict[tuple[Any, ...], dict[str, E5VEmbedder]] = {}
+_EMBEDDERS_LOCK = threading.Lock()
+
+
+@register_embedding_function
+class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
+    """E5-V for Chroma: documents (``str``) and images (numpy arrays, as Chroma and its
+    ``ImageLoader`` pass them) into one space, queried with cosine distance.
+
+    Pass a model name (a hub id or a local directory) and options, or a ready
+    :class:`e5v.E5VEmbedder` as ``embedder``. Functions of one process for the same
+    model, revision, dtype and prompts share one embedder, and so one loaded model.
+    The config persisted with a collection holds the model name, revision, dtype,
+    batch size and prompts, never the device: a collection reopened without the
+    function (after ``import chromadb_e5v``) rebuilds it on the device of the machine
+    that opens it.
+    """
+
+    def __init__(
+        self,
+        model_name: str = DEFAULT_MODEL,
+        *,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        batch_size: int = 16,
+        revision: str | None = None,
+        prompts: str | PromptSet | None = None,
+        embedder: E5VEmbedder | None = None,
+    ) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        self.batch_size = batch_size
+        if embedder is not None:
+            _check_embedder_options(embedder, model_name, device, dtype, revision, prompts)
+            self.embedder = embedder
+            self._dtype: str | None = _dtype_name(embedder.dtype)
+            _share(embedder)
+        else:
+            self._dtype = None if dtype is None else _dtype_name(dtype)
+            self.embedder = _shared_embedder(
+                _model_name(model_name), revision, self._dtype, get_prompts(prompts), device
+            )
+
+    # -- embedding --------------------------------------------------------------------
+
+    def __call__(self, input: Embeddable) -> Embeddings:
+        """Embed documents and/or images (HxW, HxWx3 or HxWx4 arrays), in input order.
+
+        Raises :class:`e5v.InvalidInputError` naming the first item that is neither.
+        """
+        items = list(input)
+        for index, item in enumerate(items):
+            if not (is_document(item) or is_image(item)):
+                raise InvalidInputError(
+                    f"Chroma can embed documents (str) and images (numpy arrays HxW, HxWx3 or HxWx4), "
+                    f"got {describe(item)}; check the documents, images or uris you passed",
+                    index=index,
+                )
+        return list(self.embedder.embed(items, batch_size=self.batch_size))
+
+    def embed_composed(self, images: Sequence[Any], texts: Sequence[str]) -> Embeddings:
+        """Composed queries (``images[i]`` changed as ``texts[i]`` says), to pass as
+        ``collection.query(query_embeddings=...)``."""
+        return list(self.embedder.embed_composed(images, texts, batch_size=self.batch_size))
+
+    def embed_interleaved(self, items: Sequence[Any]) -> Embeddings:
+        """Interleaved items (``e5v.Interleaved`` or sequences of texts and images), one
+        vector each, to pass as ``collection.query(query_embeddings=...)``."""
+        return list(self.embedder.embed_interleaved(items, batch_size=self.batch_size))
+
+    # -- Chroma's config protocol -----------------------------------------------------
+
+    @staticmethod
+    def name() -> str:
+        return "e5v"
+
+    def default_space(self) -> Space:
+        return "cosine"
+
+    def supported_spaces(self) -> list[Space]:
+        """Unit vectors: cosine, inner product and L2 rank alike."""
+        return ["cosine", "ip", "l2"]
+
+    def get_config(self) -> dict[str, Any]:
+        return {
+            "model_name": _model_name(self.embedder.model_name),
+            "revision": self.embedder.revision,
+            "dtype": self._dtype,
+            "batch_size": self.batch_size,
+            "prompts": _prompts_config(self.embedder.prompts),
+        }
+
+    @staticmethod
+    def build_from_config(config: dict[str, Any]) -> E5VEmbeddingFunction:
+        """The function a config describes, on this machine's default device; the
+        embedder is shared, so rebuilding never loads the model again."""
+        E5VEmbeddingFunction.validate_config(config)
+        prompts = config.get("prompts")
+        return E5VEmbeddingFunction(
+            config["model_name"],
+            revision=config.get("revision"),
+            dtype=config.get("dtype"),
+            batch_size=config.get("batch_size", 16),
+            prompts=PromptSet(**prompts) if isinstance(prompts, dict) else prompts,
+        )
+
+    @staticmethod
+    def validate_config(config: dict[str, Any]) -> None:
+        unknown = sorted(set(config) - set(CONFIG_KEYS))
+        if unknown:
+            raise ValueError(f"unknown e5v config keys {unknown}; expected some of {list(CONFIG_KEYS)}")
+        if not isinstance(config.get("model_name"), str) or not config["model_name"]:
+            raise ValueError(f"e5v config needs model_name, a hub id or a local directory; got {config!r}")
+        for key in ("revision", "dtype"):
+            if config.get(key) is not None and not isinstance(config[key], str):
+                raise ValueError(f"e5v config {key} must be a string or null, got {config[key]!r}")
+        size = config.get("batch_size", 16)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"e5v config batch_size must be a positive integer, got {size!r}")
+        prompts = config.get("prompts")
+        if isinstance(prompts, str):
+            get_prompts(prompts)
+        elif isinstance(prompts, dict):
+            try:
+                PromptSet(**prompts)
+            except TypeError as exc:
+                raise ValueError(f"e5v config prompts is not a prompt set: {exc}") from None
+        elif prompts is not None:
+            raise ValueError(f"e5v config prompts must be a preset name or a prompt set, got {prompts!r}")
+
+    def validate_config_update(self, old_config: dict[str, Any], new_config: dict[str, Any]) -> None:
+        """Refuse a change of model, revision or prompts: the stored vectors would no
+        longer match new ones. dtype and batch size may change."""
+        for key in ("model_name", "revision", "prompts"):
+            if key in new_config and new_config[key] != old_config.get(key):
+                raise ValueError(
+                    f"cannot change the e5v {key} of a collection from {old_config.get(key)!r} to "
+                    f"{new_config[key]!r}: its stored vectors come from the old one; create a new collection"
+                )
+
+    def __repr__(self) -> str:
+        return f"E5VEmbeddingFunction({self.embedder!r}, batch_size={self.batch_size})"
+
+
+def clear_cache() -> None:
+    """Forget the shared embedders; their models are freed once no function holds them
+    (also call ``e5v.loading.clear_cache()``)."""
+    with _EMBEDDERS_LOCK:
+        _EMBEDDERS.clear()
+
+
+def _dtype_name(dtype: str | torch.dtype) -> str:
+    """Canonical name of a dtype ("bf16" -> "bfloat16"); raises ``ValueError`` if unknown."""
+    return str(resolve_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
+
+
+def _model_name(name: str | Path) -> str:
+    """Local directories as absolute paths, so a persisted config opens from any directory."""
+    path = Path(name)
+    return str(path.resolve()) if path.is_dir() else str(name)
+
+
+def _prompts_config(prompts: PromptSet) -> str | dict[str, str]:
+    """A preset's name, or every template of a custom prompt set."""
+    return prompts.name if PRESETS.get(prompts.name) == prompts else dataclasses.asdict(prompts)
+
+
+def _key(model_name: str, revision: str | None, dtype: torch.dtype, prompts: PromptSet) -> tuple[Any, ...]:
+    return (model_name, revision, dtype, prompts)
+
+
+def _share(embedder: E5VEmbedder) -> None:
+    """Offer a caller's embedder to functions rebuilt from the same config."""
+    key = _key(_model_name(embedder.model_name), embedder.revision, embedder.dtype, embedder.prompts)
+    with _EMBEDDERS_LOCK:
+        _EMBEDDERS.setdefault(key, {}).setdefault(str(embedder.device), embedder)
+
+
+def _shared_embedder(
+    model_name: str,
+    revision: str | None,
+    dtype: str | None,
+    prompts: PromptSet,
+    device: str | torch.device | None,
+) -> E5VEmbedder:
+    """The process's embedder for these options: any device when ``device`` is None."""
+    resolved = resolve_device(device)
+    key = _key(model_name, revision, resolve_dtype(dtype, resolved), prompts)
+    with _EMBEDDERS_LOCK:
+        by_device = _EMBEDDERS.setdefault(key, {})
+        if device is None and by_device:
+            return next(iter(by_device.values()))
+        if str(resolved) in by_device:
+            return by_device[str(resolved)]
+        embedder = E5VEmbedder(model_name, device=device, dtype=dtype, revision=revision, prompts=prompts)
+        by_device[str(resolved)] = embedder
+        logger.debug("e5v embedding function: new embedder %r", embedder)
+        return embedder
+
+
+def _check_embedder_options(
+    embedder: E5VEmbedder,
+    model_name: str,
+    device: object,
+    dtype: object,
+    revision: str | None,
+    prompts: object,
+) -> None:
+    given = {"device": device, "dtype": dtype, "revision": revision, "prompts": prompts}
+    clashing = [name for name, value in given.items() if value is not None]
+    if model_name not in (DEFAULT_MODEL, embedder.model_name):
+        clashing.insert(0, "model_name")
+    if clashing:
+        raise ValueError(
+            f"pass either embedder= or model options, not both: {', '.join(clashing)} would be ignored; "
+            "set them on the E5VEmbedder instead"
+        )

@@ -56,7 +56,8 @@ class E5VEmbedder:
     ``dtype=None`` picks bfloat16 (float16 where unsupported) on GPU, float32 on CPU.
     ``device_map`` is passed to transformers (accelerate) for multi-GPU or offload.
     ``prompts`` is a preset name of :data:`e5v.prompts.PRESETS` or a
-    :class:`~e5v.prompts.PromptSet` (default: the paper's).
+    :class:`~e5v.prompts.PromptSet` (default: the paper's). ``adapter`` is a LoRA
+    adapter saved by ``e5v train`` (a directory or hub id), merged into the model.
 
     Batches hold at most ``batch_size`` items and ``max_batch_tokens`` padded tokens.
     The same checkpoint loaded twice with the same options is shared, not reloaded.
@@ -80,6 +81,7 @@ class E5VEmbedder:
         max_text_tokens: int = DEFAULT_MAX_TEXT_TOKENS,
         show_progress_bar: bool = False,
         model_kwargs: dict[str, Any] | None = None,
+        adapter: str | Path | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -97,6 +99,7 @@ class E5VEmbedder:
             device_map=device_map,
             allow_pickle=allow_pickle,
             model_kwargs=model_kwargs,
+            adapter=adapter,
         )
         self._images = ImageLoader(max_image_pixels=max_image_pixels, allow_remote=allow_remote)
 

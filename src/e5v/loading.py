@@ -25,7 +25,15 @@ import torch
 
 from e5v.errors import ModelLoadError
 
-__all__ = ["LoadedModel", "add_image_token_row", "clear_cache", "load", "resolve_device", "resolve_dtype"]
+__all__ = [
+    "LoadedModel",
+    "add_image_token_row",
+    "clear_cache",
+    "load",
+    "merge_adapter",
+    "resolve_device",
+    "resolve_dtype",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -104,11 +112,13 @@ def load(
     allow_pickle: bool = False,
     attn_implementation: str | None = "sdpa",
     model_kwargs: dict[str, Any] | None = None,
+    adapter: str | Path | None = None,
 ) -> LoadedModel:
     """Load (or reuse) a LLaVA-NeXT checkpoint from a hub id or a local directory.
 
     Weights load from safetensors only unless ``allow_pickle=True``;
-    ``trust_remote_code`` is never enabled.
+    ``trust_remote_code`` is never enabled. ``adapter`` is a peft (LoRA) adapter, a
+    directory or hub id, merged into the weights (see :func:`merge_adapter`).
     """
     resolved_device = resolve_device(device)
     resolved_dtype = resolve_dtype(dtype, resolved_device)
@@ -122,6 +132,7 @@ def load(
         allow_pickle,
         attn_implementation,
         repr(sorted((model_kwargs or {}).items())),
+        _adapter_key(adapter),
     )
     with _CACHE_LOCK:
         cached = _CACHE.get(key)
@@ -138,6 +149,7 @@ def load(
             allow_pickle=allow_pickle,
             attn_implementation=attn_implementation,
             model_kwargs=model_kwargs or {},
+            adapter=adapter,
         )
         _CACHE[key] = loaded
         return loaded
@@ -154,6 +166,7 @@ def _load_uncached(
     allow_pickle: bool,
     attn_implementation: str | None,
     model_kwargs: dict[str, Any],
+    adapter: str | Path | None = None,
 ) -> LoadedModel:
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
@@ -181,12 +194,39 @@ def _load_uncached(
         raise ModelLoadError(f"cannot load the model weights of {name!r}{hint}: {exc}") from exc
     if device_map is None:
         model.to(device)
+    if adapter is not None:
+        model = merge_adapter(model, adapter)
     model.eval()
     model.requires_grad_(False)
     image_token_id = _fix_processor(processor, model, name)
     return LoadedModel(
         model=model, processor=processor, name=name, revision=revision, dtype=dtype, image_token_id=image_token_id
     )
+
+
+def _adapter_key(adapter: str | Path | None) -> str | None:
+    """A local adapter by its absolute path (so relative spellings share a cache entry)."""
+    if adapter is None:
+        return None
+    path = Path(adapter)
+    return str(path.resolve()) if path.exists() else str(adapter)
+
+
+def merge_adapter(model: Any, adapter: str | Path) -> Any:
+    """Load a peft adapter onto ``model`` and merge it into the weights (no inference overhead)."""
+    try:
+        from peft import PeftModel
+    except ImportError as exc:
+        raise ModelLoadError("loading an adapter needs peft: pip install 'e5v[train]'") from exc
+    logger.info("merging adapter %s", adapter)
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"cannot load the adapter {str(adapter)!r}: {exc}. Pass the output directory of 'e5v train' "
+            "(it holds adapter_config.json and adapter_model.safetensors)"
+        ) from exc
+    return peft_model.merge_and_unload()
 
 
 def _fix_processor(processor: Any, model: Any, name: str) -> int:

@@ -1,0 +1,205 @@
+"""``E5VEmbedding``: E5-V as a LlamaIndex multimodal embedding model."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+from collections.abc import Sequence
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from e5v import DEFAULT_MODEL, E5VEmbedder, Interleaved, InvalidInputError
+from llama_index.core.base.embeddings.base import Embedding
+from llama_index.core.bridge.pydantic import Field, PrivateAttr
+from llama_index.core.embeddings import MultiModalEmbedding
+from llama_index.core.schema import ImageDocument, ImageNode, ImageType, MetadataMode
+
+__all__ = ["E5VEmbedding"]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 16
+
+
+class E5VEmbedding(MultiModalEmbedding):
+    """E5-V embeddings for LlamaIndex: texts, queries and images in one space.
+
+    One instance serves as both ``embed_model`` and ``image_embed_model`` of a
+    ``MultiModalVectorStoreIndex``. Build it from a model name or local path (adapters
+    with the same model, device and dtype share one loaded model), or wrap an existing
+    :class:`e5v.E5VEmbedder` with ``embedder=``. Each call hands at most
+    ``embed_batch_size`` items to the model at a time, for texts and images alike.
+
+    Images are ``str`` paths (or ``data:image/...;base64`` URIs) or binary streams such
+    as ``BytesIO``. An :class:`~llama_index.core.schema.ImageNode` that carries text can
+    be embedded as ONE interleaved vector (image, then text) with
+    :meth:`embed_image_node`; store it on ``node.embedding`` before indexing and the
+    index keeps it instead of embedding the image alone.
+    """
+
+    model_name: str = Field(default=DEFAULT_MODEL, description="Hub id or local path of the E5-V checkpoint.")
+    embed_batch_size: int = Field(
+        default=DEFAULT_BATCH_SIZE, gt=0, le=2048, description="Items per model batch (texts and images)."
+    )
+    device: str | None = Field(default=None, description="Torch device; None picks CUDA when available, else CPU.")
+    dtype: str | None = Field(default=None, description="Torch dtype; None picks bfloat16 on GPU, float32 on CPU.")
+    revision: str | None = Field(default=None, description="Hub revision (commit, branch or tag).")
+    cache_dir: str | None = Field(default=None, description="Hugging Face cache directory.")
+    embedder_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Other E5VEmbedder options (prompts, max_batch_tokens, device_map, allow_remote, ...).",
+    )
+
+    _embedder: E5VEmbedder = PrivateAttr()
+
+    def __init__(
+        self,
+        model_name: str | Path | None = None,
+        *,
+        embedder: E5VEmbedder | None = None,
+        embed_batch_size: int | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        revision: str | None = None,
+        cache_dir: str | Path | None = None,
+        embedder_kwargs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if embedder is not None:
+            _check_no_load_options(embedder, model_name, device, dtype, revision, cache_dir, embedder_kwargs)
+            model_name = embedder.model_name
+            device = str(embedder.device)
+            dtype = str(embedder.dtype).removeprefix("torch.")
+            revision = embedder.revision
+            batch_size = embedder.batch_size if embed_batch_size is None else embed_batch_size
+        else:
+            model_name = DEFAULT_MODEL if model_name is None else model_name
+            batch_size = DEFAULT_BATCH_SIZE if embed_batch_size is None else embed_batch_size
+            embedder = E5VEmbedder(
+                model_name,
+                device=device,
+                dtype=dtype,
+                revision=revision,
+                cache_dir=cache_dir,
+                batch_size=batch_size,
+                **(embedder_kwargs or {}),
+            )
+        super().__init__(
+            model_name=str(model_name),
+            embed_batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+            revision=revision,
+            cache_dir=None if cache_dir is None else str(cache_dir),
+            embedder_kwargs=embedder_kwargs or {},
+            **kwargs,
+        )
+        self._embedder = embedder
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "E5VEmbedding"
+
+    @property
+    def embedder(self) -> E5VEmbedder:
+        """The wrapped :class:`e5v.E5VEmbedder`."""
+        return self._embedder
+
+    # -- texts and queries (E5-V embeds both with the same prompt) ----------------------
+
+    def _get_query_embedding(self, query: str) -> Embedding:
+        return self._get_text_embeddings([query])[0]
+
+    def _get_text_embedding(self, text: str) -> Embedding:
+        return self._get_text_embeddings([text])[0]
+
+    def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        return self._embedder.embed_texts(texts, batch_size=self.embed_batch_size).tolist()
+
+    async def _aget_query_embedding(self, query: str) -> Embedding:
+        return await asyncio.to_thread(self._get_query_embedding, query)
+
+    async def _aget_text_embedding(self, text: str) -> Embedding:
+        return await asyncio.to_thread(self._get_text_embedding, text)
+
+    async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
+        return await asyncio.to_thread(self._get_text_embeddings, texts)
+
+    # -- images ---------------------------------------------------------------------------
+
+    def _get_image_embedding(self, img_file_path: ImageType) -> Embedding:
+        return self._get_image_embeddings([img_file_path])[0]
+
+    def _get_image_embeddings(self, img_file_paths: list[ImageType]) -> list[Embedding]:
+        return self._embedder.embed_images(img_file_paths, batch_size=self.embed_batch_size).tolist()
+
+    async def _aget_image_embedding(self, img_file_path: ImageType) -> Embedding:
+        return await asyncio.to_thread(self._get_image_embedding, img_file_path)
+
+    async def _aget_image_embeddings(self, img_file_paths: list[ImageType]) -> list[Embedding]:
+        return await asyncio.to_thread(self._get_image_embeddings, img_file_paths)
+
+    # -- interleaved ---------------------------------------------------------------------
+
+    def get_interleaved_embedding(self, parts: Sequence[Any]) -> Embedding:
+        """One vector for text and image parts in order: a ``str`` part is TEXT, so give
+        image files as ``pathlib.Path`` (or ``BytesIO``, bytes, PIL images)."""
+        return self._embedder.embed_interleaved([Interleaved(parts)])[0].tolist()
+
+    def embed_image_node(self, node: ImageNode | ImageDocument) -> Embedding:
+        """One vector for an image node and its text (``Interleaved([image, text])``).
+
+        The text is the node's content as LlamaIndex embeds it (``MetadataMode.EMBED``,
+        so with its metadata); a node whose text is empty gets its plain image embedding. Set the result on
+        ``node.embedding`` before indexing and the index keeps it.
+        """
+        return self.embed_image_nodes([node])[0]
+
+    def embed_image_nodes(self, nodes: Sequence[ImageNode | ImageDocument]) -> list[Embedding]:
+        """:meth:`embed_image_node` for many nodes, ``embed_batch_size`` at a time."""
+        items: list[Any] = []
+        for index, node in enumerate(nodes):
+            image = _node_image(node, index)
+            if node.text.strip():
+                items.append(Interleaved([image, node.get_content(metadata_mode=MetadataMode.EMBED)]))
+            else:
+                items.append(image)
+        return self._embedder.embed(items, batch_size=self.embed_batch_size).tolist()
+
+
+def _node_image(node: ImageNode | ImageDocument, index: int) -> Path | BytesIO:
+    """The node's image as an input e5v reads as an image (never as text)."""
+    if node.image:
+        try:
+            return BytesIO(base64.b64decode(node.image))
+        except (binascii.Error, ValueError) as exc:
+            raise InvalidInputError(
+                f"node {node.node_id!r}: its image is not valid base64 ({exc}); set image to base64-encoded "
+                "image bytes, or set image_path",
+                index=index,
+            ) from None
+    if node.image_path:
+        return Path(node.image_path)
+    if node.image_url:
+        raise InvalidInputError(
+            f"node {node.node_id!r} has only image_url {node.image_url!r}; e5v does not fetch URLs here: "
+            "download the image and set image_path (or image, base64)",
+            index=index,
+        )
+    raise InvalidInputError(f"node {node.node_id!r} has no image; set image_path or image (base64)", index=index)
+
+
+def _check_no_load_options(embedder: E5VEmbedder, model_name: str | Path | None, *options: Any) -> None:
+    if model_name is not None and str(model_name) != embedder.model_name:
+        raise ValueError(
+            f"model_name {str(model_name)!r} differs from the given embedder's {embedder.model_name!r}; "
+            "pass one or the other"
+        )
+    if any(option is not None for option in options):
+        raise ValueError(
+            "device, dtype, revision, cache_dir and embedder_kwargs configure loading a model; they cannot be "
+            "combined with embedder= (configure the E5VEmbedder instead)"
+        )

@@ -55,7 +55,7 @@ class E5VEmbeddings(BaseModel, Embeddings):
     model_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Keyword arguments for transformers' ``from_pretrained`` (``E5VEmbedder(model_kwargs=...)``)."""
     embedder_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Other :class:`e5v.E5VEmbedder` options: ``prompts``, ``device_map``, ``max_batch_tokens``,
+    """Other :class:`e5v.E5VEmbedder` options: ``prompts``, ``adapter``, ``device_map``, ``max_batch_tokens``,
     ``allow_remote``, ``max_image_pixels``, ``max_text_tokens``, ``allow_pickle``."""
     show_progress: bool | None = None
     """Show a progress bar while embedding; ``None``: the embedder's setting."""

@@ -21,8 +21,16 @@ _LOADING_FIELDS = frozenset(
 )
 #: ``E5VEmbedder`` options set from fields, so not allowed in ``embedder_kwargs``.
 _FIELD_OPTIONS = frozenset(
-    {"model_name_or_path", "device", "dtype", "batch_size", "revision", "cache_dir", "model_kwargs"}
-    | {"show_progress_bar"}
+    {
+        "model_name_or_path",
+        "device",
+        "dtype",
+        "batch_size",
+        "revision",
+        "cache_dir",
+        "model_kwargs",
+        "show_progress_bar",
+    }
 )
 
 

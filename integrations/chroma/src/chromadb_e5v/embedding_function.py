@@ -40,15 +40,16 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
     Pass a model name (a hub id or a local directory) and options, or a ready
     :class:`e5v.E5VEmbedder` as ``embedder``. Functions of one process for the same
     model, revision, dtype and prompts share one embedder, and so one loaded model.
-    The config persisted with a collection holds the model name, revision, dtype,
-    batch size and prompts, never the device: a collection reopened without the
-    function (after ``import chromadb_e5v``) rebuilds it on the device of the machine
-    that opens it.
+    The config persisted with a collection holds the model name, revision, dtype
+    (``None``: the device's default; with ``embedder``, its dtype), batch size and
+    prompts, never the device: a collection reopened without the function (after
+    ``import chromadb_e5v``) reuses this process's embedder for that config, or loads
+    the model on the default device of the machine that opens it.
     """
 
     def __init__(
         self,
-        model_name: str = DEFAULT_MODEL,
+        model_name: str | Path = DEFAULT_MODEL,
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
@@ -230,7 +231,7 @@ def _shared_embedder(
 
 def _check_embedder_options(
     embedder: E5VEmbedder,
-    model_name: str,
+    model_name: str | Path,
     device: object,
     dtype: object,
     revision: str | None,
@@ -238,7 +239,7 @@ def _check_embedder_options(
 ) -> None:
     given = {"device": device, "dtype": dtype, "revision": revision, "prompts": prompts}
     clashing = [name for name, value in given.items() if value is not None]
-    if model_name not in (DEFAULT_MODEL, embedder.model_name):
+    if str(model_name) not in (DEFAULT_MODEL, embedder.model_name):
         clashing.insert(0, "model_name")
     if clashing:
         raise ValueError(

@@ -37,7 +37,8 @@ class E5VEmbedding(MultiModalEmbedding):
     as ``BytesIO``. An :class:`~llama_index.core.schema.ImageNode` that carries text can
     be embedded as ONE interleaved vector (image, then text) with
     :meth:`embed_image_node`; store it on ``node.embedding`` before indexing and the
-    index keeps it instead of embedding the image alone.
+    index keeps it instead of embedding the image alone (``MultiModalVectorStoreIndex``
+    puts an image node with text in both the image and the text store, under that vector).
     """
 
     model_name: str = Field(default=DEFAULT_MODEL, description="Hub id or local path of the E5-V checkpoint.")
@@ -153,8 +154,9 @@ class E5VEmbedding(MultiModalEmbedding):
         """One vector for an image node and its text (``Interleaved([image, text])``).
 
         The text is the node's content as LlamaIndex embeds it (``MetadataMode.EMBED``,
-        so with its metadata); a node whose text is empty gets its plain image embedding. Set the result on
-        ``node.embedding`` before indexing and the index keeps it.
+        so with its metadata); a node whose text is empty gets its plain image embedding.
+        The image comes from ``image`` (base64) or ``image_path``; URLs are not fetched.
+        Set the result on ``node.embedding`` before indexing and the index keeps it.
         """
         return self.embed_image_nodes([node])[0]
 

@@ -56,7 +56,7 @@ def build_model(config: TrainingConfig, device: torch.device, dtype: torch.dtype
             name,
             revision=config.revision,
             dtype=dtype,
-            device_map={"": str(device)},
+            device_map={"": _indexed(device)},
             use_safetensors=True,
             attn_implementation="sdpa",
             **options,
@@ -68,13 +68,19 @@ def build_model(config: TrainingConfig, device: torch.device, dtype: torch.dtype
     model.lm_head = _Dropped("LM head")
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    checkpointing = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+    non_reentrant = {"use_reentrant": False}
     if config.load_in_4bit:
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=config.gradient_checkpointing, **checkpointing
+            model,
+            use_gradient_checkpointing=config.gradient_checkpointing,
+            gradient_checkpointing_kwargs=non_reentrant,
         )
     elif config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(**checkpointing)
+        # The new name (the old one warns); older 5.x releases have only the old one.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
     lora = LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
@@ -87,6 +93,13 @@ def build_model(config: TrainingConfig, device: torch.device, dtype: torch.dtype
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info("LoRA r=%d on the language model: %d trainable parameters", config.lora_r, trainable)
     return peft_model, processor
+
+
+def _indexed(device: torch.device) -> torch.device:
+    """``cuda`` as ``cuda:N`` (the current GPU), for a one-device ``device_map``."""
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
 
 
 def _four_bit_config(device: torch.device, dtype: torch.dtype) -> Any:

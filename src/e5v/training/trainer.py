@@ -161,7 +161,7 @@ class Trainer:
                 ]
         finally:
             module.train(was_training)
-        return np.concatenate(parts) if parts else np.empty((0, module._loaded.dimension), dtype=np.float32)
+        return np.concatenate(parts) if parts else np.empty((0, self.prompt_encoder.loaded.dimension), np.float32)
 
     # -- steps --------------------------------------------------------------------------
 

@@ -1,10 +1,16 @@
 """The model runner: processor, batched forward of the base model, last-token pooling.
 
 Unlike the official recipe it never computes the LM head's logits nor keeps per-layer
-hidden states: it runs the vision tower, the projector and the decoder, then reads the
-final (normed) hidden state at each sequence's last real token. Sequences are padded on
-the right and given their own attention mask, so a vector does not depend on what else
-is in its batch, whatever padding side the tokenizer was saved with.
+hidden states of the decoder: it runs the vision tower, the projector and the decoder,
+then reads the final (normed) hidden state at each sequence's last real token.
+Sequences are padded on the right and given their own attention mask, so a vector does
+not depend on what else is in its batch, whatever padding side the tokenizer was saved
+with.
+
+Images are tiled on E5-V's anyres grid (``config.image_grid_pinpoints``) unless a tile
+budget is given (:func:`image_grid`): each :class:`Encoded` carries the grid its tiles
+were cut for, and the forward packs the image features for that grid, so the processor
+and the model always agree without touching the shared model's config.
 """
 
 from __future__ import annotations
@@ -16,41 +22,98 @@ import torch
 from PIL import Image
 
 from e5v.loading import LoadedModel
+from e5v.prompts import IMAGE_TOKEN
 
-__all__ = ["Encoded", "encode", "forward"]
+__all__ = ["Encoded", "Grid", "encode", "forward", "image_grid", "image_token_count"]
+
+#: Anyres pinpoints as ``((height, width), ...)``; ``()`` means the base view only.
+Grid = tuple[tuple[int, int], ...]
 
 
 @dataclass
 class Encoded:
-    """One prompt, tokenised, with its images' anyres tiles."""
+    """One prompt, tokenised, with its images' tiles and the grid they were cut for."""
 
     input_ids: torch.Tensor  # (length,)
     pixel_values: torch.Tensor | None  # (tiles, 3, H, W): every tile of every image, in order
     image_sizes: torch.Tensor | None  # (images, 2) as (height, width)
+    tiles: tuple[int, ...] = ()  # tiles per image (the base view included)
+    grid: Grid = ()
 
     @property
     def length(self) -> int:
         return int(self.input_ids.shape[0])
 
 
-def encode(loaded: LoadedModel, prompt: str, images: Sequence[Image.Image]) -> Encoded:
+def image_grid(loaded: LoadedModel, max_image_tiles: int | None = None) -> Grid:
+    """The model's anyres pinpoints holding at most ``max_image_tiles`` tiles besides the
+    base view (``None``: all of them; ``()`` when none fits: the base view only)."""
+    config = loaded.model.config
+    size = config.vision_config.image_size
+    pinpoints = tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints)
+    if max_image_tiles is None:
+        return pinpoints
+    if max_image_tiles < 0:
+        raise ValueError(f"max_image_tiles must be None or at least 0, got {max_image_tiles}")
+    return tuple((h, w) for h, w in pinpoints if (h // size) * (w // size) <= max_image_tiles)
+
+
+def image_token_count(loaded: LoadedModel, height: int, width: int, grid: Grid) -> int:
+    """``<image>`` tokens (= image features) for an image of ``height`` x ``width`` on ``grid``."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    config = loaded.model.config
+    size = config.vision_config.image_size
+    side = size // config.vision_config.patch_size
+    per_tile = side * side + (0 if config.vision_feature_select_strategy == "default" else 1)
+    if not grid:
+        return per_tile + 1  # the base view and one newline
+    rows, cols = get_anyres_image_grid_shape([height, width], [list(p) for p in grid], size)
+    unpadded = unpad_image(torch.empty(0, rows * side, cols * side), torch.tensor([height, width]))
+    return per_tile + unpadded.shape[1] * (unpadded.shape[2] + 1)
+
+
+def encode(
+    loaded: LoadedModel, prompt: str, images: Sequence[Image.Image], *, max_image_tiles: int | None = None
+) -> Encoded:
     """Run the processor on one prompt and its images (one ``<image>`` slot each)."""
+    if not images:
+        return Encoded(loaded.processor(text=[prompt], return_tensors="pt")["input_ids"][0], None, None)
+    if max_image_tiles is None:
+        return _encode_full(loaded, prompt, images)
+    return _encode_budget(loaded, prompt, images, image_grid(loaded, max_image_tiles))
+
+
+def _encode_full(loaded: LoadedModel, prompt: str, images: Sequence[Image.Image]) -> Encoded:
+    """The processor as the official recipe runs it, on the model's full anyres grid."""
     from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
 
-    batch = loaded.processor(text=[prompt], images=list(images) or None, return_tensors="pt")
-    input_ids = batch["input_ids"][0]
-    if not images:
-        return Encoded(input_ids, None, None)
-    config = loaded.model.config
+    grid = image_grid(loaded)
+    size = loaded.model.config.vision_config.image_size
+    batch = loaded.processor(text=[prompt], images=list(images), return_tensors="pt")
     sizes = batch["image_sizes"]
-    pixel_values = batch["pixel_values"]
-    tiles = [
-        pixel_values[
-            i, : image_size_to_num_patches(sizes[i], config.image_grid_pinpoints, config.vision_config.image_size)
-        ]
-        for i in range(len(images))
-    ]
-    return Encoded(input_ids, torch.cat(tiles, dim=0), sizes)
+    tiles = tuple(image_size_to_num_patches(sizes[i], [list(p) for p in grid], size) for i in range(len(images)))
+    pixel_values = torch.cat([batch["pixel_values"][i, :count] for i, count in enumerate(tiles)], dim=0)
+    return Encoded(batch["input_ids"][0], pixel_values, sizes, tiles, grid)
+
+
+def _encode_budget(loaded: LoadedModel, prompt: str, images: Sequence[Image.Image], grid: Grid) -> Encoded:
+    """Tiles on a reduced grid; ``<image>`` slots expanded to the matching feature counts."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    size = loaded.model.config.vision_config.image_size
+    pinpoints = [list(p) for p in grid] or [[size, size]]  # base only: the cheapest grid, base tile kept
+    batch = loaded.processor.image_processor(images=list(images), image_grid_pinpoints=pinpoints, return_tensors="pt")
+    sizes = batch["image_sizes"]
+    tiles = tuple(image_size_to_num_patches(s, pinpoints, size) if grid else 1 for s in sizes)
+    pixel_values = torch.cat([batch["pixel_values"][i, :count] for i, count in enumerate(tiles)], dim=0)
+    pieces = prompt.split(IMAGE_TOKEN)
+    if len(pieces) != len(images) + 1:
+        raise ValueError(f"prompt has {len(pieces) - 1} {IMAGE_TOKEN} slots for {len(images)} images")
+    counts = [image_token_count(loaded, int(h), int(w), grid) for h, w in sizes.tolist()]
+    expanded = pieces[0] + "".join(IMAGE_TOKEN * n + piece for n, piece in zip(counts, pieces[1:]))
+    input_ids = loaded.processor.tokenizer(expanded, return_tensors="pt")["input_ids"][0]
+    return Encoded(input_ids, pixel_values, sizes, tiles, grid)
 
 
 def forward(loaded: LoadedModel, batch: Sequence[Encoded]) -> torch.Tensor:
@@ -72,10 +135,7 @@ def forward(loaded: LoadedModel, batch: Sequence[Encoded]) -> torch.Tensor:
     embeds = model.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
     with_images = [item for item in batch if item.pixel_values is not None]
     if with_images:
-        pixel_values = torch.cat([item.pixel_values for item in with_images]).to(device, loaded.dtype)
-        image_sizes = torch.cat([item.image_sizes for item in with_images]).to(device)
-        features = model.model.get_image_features(pixel_values, image_sizes, return_dict=True).pooler_output
-        features = torch.cat(list(features), dim=0).to(embeds.dtype)
+        features = _image_features(loaded, with_images).to(embeds.dtype)
         if features.shape[0] != int(image_mask.sum()):
             raise RuntimeError(
                 f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features: "
@@ -88,3 +148,37 @@ def forward(loaded: LoadedModel, batch: Sequence[Encoded]) -> torch.Tensor:
     ).last_hidden_state
     last = hidden[torch.arange(len(batch), device=hidden.device), (lengths - 1).to(hidden.device)]
     return torch.nn.functional.normalize(last.float(), dim=-1)
+
+
+def _image_features(loaded: LoadedModel, items: Sequence[Encoded]) -> torch.Tensor:
+    """Vision tower and projector over every tile of the batch in one pass, then each
+    image's features packed for its own grid (as LLaVA-NeXT's ``pack_image_features``)."""
+    base = loaded.model.model
+    config = loaded.model.config
+    pixel_values = torch.cat([item.pixel_values for item in items]).to(loaded.input_device, loaded.dtype)
+    states = base.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+    layer = config.vision_feature_layer
+    selected = states[layer] if isinstance(layer, int) else torch.cat([states[i] for i in layer], dim=-1)
+    if config.vision_feature_select_strategy == "default":
+        selected = selected[:, 1:]
+    projected = base.multi_modal_projector(selected)
+    per_image = [(count, size, item.grid) for item in items for count, size in zip(item.tiles, item.image_sizes)]
+    chunks = torch.split(projected, [count for count, _, _ in per_image], dim=0)
+    return torch.cat([_pack(loaded, chunk, size, grid) for chunk, (_, size, grid) in zip(chunks, per_image)])
+
+
+def _pack(loaded: LoadedModel, tiles: torch.Tensor, image_size: torch.Tensor, grid: Grid) -> torch.Tensor:
+    """One image's features: the base view, then the unpadded grid with a newline per row."""
+    from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+    newline = loaded.model.model.image_newline
+    if tiles.shape[0] == 1:
+        return torch.cat((tiles[0], newline[None].to(tiles)), dim=0)
+    vision = loaded.model.config.vision_config
+    side = vision.image_size // vision.patch_size
+    rows, cols = get_anyres_image_grid_shape(image_size.tolist(), [list(p) for p in grid], vision.image_size)
+    grid_features = tiles[1:].view(rows, cols, side, side, -1).permute(4, 0, 2, 1, 3).contiguous()
+    grid_features = unpad_image(grid_features.flatten(1, 2).flatten(2, 3), image_size)
+    row_ends = newline[:, None, None].expand(*grid_features.shape[:-1], 1).to(grid_features)
+    grid_features = torch.cat((grid_features, row_ends), dim=-1).flatten(1, 2).transpose(0, 1)
+    return torch.cat((tiles[0], grid_features), dim=0)

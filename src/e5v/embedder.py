@@ -15,7 +15,8 @@ from PIL import Image
 
 from e5v import loading, runner
 from e5v.batching import chunked, plan_batches
-from e5v.errors import EmbeddingError, InvalidInputError
+from e5v.cache import EmbeddingCache, entry_key, image_digest, path_fingerprint
+from e5v.errors import EmbeddingError, InvalidInputError, ModelLoadError
 from e5v.inputs import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageLoader,
@@ -58,6 +59,15 @@ class E5VEmbedder:
     ``prompts`` is a preset name of :data:`e5v.prompts.PRESETS` or a
     :class:`~e5v.prompts.PromptSet` (default: the paper's). ``adapter`` is a LoRA
     adapter saved by ``e5v train`` (a directory or hub id), merged into the model.
+    A :class:`~e5v.loading.LoadedModel` may be passed instead of a name: it is used as
+    is, and the loading options are ignored.
+
+    Off by default because they change the vectors: ``max_image_tiles`` caps the anyres
+    tiles per image besides the base view (E5-V uses up to 4; ``0`` keeps only the base
+    336x336 view, about 5x fewer image tokens); ``quantization="8bit"`` or ``"4bit"``
+    loads the language model through bitsandbytes (CUDA only). ``cache`` is a folder of
+    a persistent embedding cache (:mod:`e5v.cache`), keyed by content, prompt, model and
+    these options; an unchanged input is then served from disk without running the model.
 
     Batches hold at most ``batch_size`` items and ``max_batch_tokens`` padded tokens.
     The same checkpoint loaded twice with the same options is shared, not reloaded.
@@ -65,7 +75,7 @@ class E5VEmbedder:
 
     def __init__(
         self,
-        model_name_or_path: str | Path = DEFAULT_MODEL,
+        model_name_or_path: str | Path | loading.LoadedModel = DEFAULT_MODEL,
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
@@ -82,26 +92,53 @@ class E5VEmbedder:
         show_progress_bar: bool = False,
         model_kwargs: dict[str, Any] | None = None,
         adapter: str | Path | None = None,
+        max_image_tiles: int | None = None,
+        quantization: str | None = None,
+        cache: str | Path | EmbeddingCache | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if max_image_tiles is not None and max_image_tiles < 0:
+            raise ValueError(f"max_image_tiles must be None or at least 0, got {max_image_tiles}")
+        self.max_image_tiles = max_image_tiles
         self.prompts = get_prompts(prompts)
         self.batch_size = batch_size
         self.max_batch_tokens = max_batch_tokens
         self.max_text_tokens = max_text_tokens
         self.show_progress_bar = show_progress_bar
-        self._loaded = loading.load(
-            model_name_or_path,
-            device=device,
-            dtype=dtype,
-            revision=revision,
-            cache_dir=cache_dir,
-            device_map=device_map,
-            allow_pickle=allow_pickle,
-            model_kwargs=model_kwargs,
-            adapter=adapter,
-        )
+        if isinstance(model_name_or_path, loading.LoadedModel):
+            self._loaded = model_name_or_path
+        else:
+            if quantization is not None:
+                model_kwargs = _quantization_kwargs(quantization, model_kwargs, loading.resolve_device(device), dtype)
+                device_map = device_map or {"": str(loading.resolve_device(device))}
+            self._loaded = loading.load(
+                model_name_or_path,
+                device=device,
+                dtype=dtype,
+                revision=revision,
+                cache_dir=cache_dir,
+                device_map=device_map,
+                allow_pickle=allow_pickle,
+                model_kwargs=model_kwargs,
+                adapter=adapter,
+            )
         self._images = ImageLoader(max_image_pixels=max_image_pixels, allow_remote=allow_remote)
+        self.cache = cache if isinstance(cache, EmbeddingCache) or cache is None else EmbeddingCache(cache)
+        self._identity = "|".join(
+            str(part)
+            for part in (
+                self._loaded.name,
+                path_fingerprint(self._loaded.name),
+                self._loaded.revision,
+                self._loaded.dtype,
+                adapter,
+                "" if adapter is None else path_fingerprint(adapter),
+                quantization,
+                max_image_tiles,
+                max_text_tokens,
+            )
+        )
 
     # -- properties -----------------------------------------------------------------
 
@@ -216,17 +253,55 @@ class E5VEmbedder:
         size = batch_size or self.batch_size
         progress = _progress(len(requests), self.show_progress_bar if show_progress_bar is None else show_progress_bar)
         try:
-            for prepared in self._prepared_windows(unique, bodies, size * WINDOW_BATCHES):
-                costs = [item.length for item in prepared.encoded]
-                for batch in plan_batches(costs, max_items=size, max_tokens=self.max_batch_tokens):
-                    vectors = self._forward([prepared.encoded[i] for i in batch])
-                    for position, vector in zip(batch, vectors):
-                        rows = rows_of[prepared.keys[position]]
-                        out[rows] = vector
-                        progress(len(rows))
+            cache, cache_keys = self.cache, {}
+            if cache is not None:
+                unique = self._from_cache(cache, unique, bodies, out, rows_of, cache_keys, progress)
+            if unique:
+                for prepared in self._prepared_windows(unique, bodies, size * WINDOW_BATCHES):
+                    costs = [item.length for item in prepared.encoded]
+                    for batch in plan_batches(costs, max_items=size, max_tokens=self.max_batch_tokens):
+                        vectors = self._forward([prepared.encoded[i] for i in batch])
+                        for position, vector in zip(batch, vectors):
+                            key = prepared.keys[position]
+                            rows = rows_of[key]
+                            out[rows] = vector
+                            if cache is not None and key in cache_keys:
+                                cache.put(cache_keys[key], vector)
+                            progress(len(rows))
         finally:
             progress(None)
         return out
+
+    def _from_cache(
+        self,
+        cache: EmbeddingCache,
+        unique: list[Request],
+        bodies: dict[str, str],
+        out: np.ndarray,
+        rows_of: dict[tuple[Any, ...], list[int]],
+        cache_keys: dict[tuple[Any, ...], str],
+        progress: Callable[[int | None], None],
+    ) -> list[Request]:
+        """Fill the rows the cache holds; return the requests still to compute, recording
+        their cache keys (uncacheable ones, such as remote URLs, get none)."""
+        missing = []
+        for request in unique:
+            digests = [image_digest(image) for image in request.images]
+            if any(digest is None for digest in digests):
+                missing.append(request)
+                continue
+            prompt = self.prompts.wrap(fill(bodies[request.kind], request.text))
+            key = entry_key(self._identity, prompt, [d for d in digests if d is not None])
+            vector = cache.get(key, self.dimension)
+            if vector is None:
+                cache_keys[request.key()] = key
+                missing.append(request)
+            else:
+                rows = rows_of[request.key()]
+                out[rows] = vector
+                progress(len(rows))
+        logger.debug("embedding cache: %d of %d unique items found", len(unique) - len(missing), len(unique))
+        return missing
 
     def _prepared_windows(self, unique: list[Request], bodies: dict[str, str], window: int) -> Iterator[_Prepared]:
         """Prepare windows of requests on a worker thread, one window ahead of the model."""
@@ -246,7 +321,7 @@ class E5VEmbedder:
             text = self._truncate(request.text, request.index) if request.kind != "image" else ""
             prompt = self.prompts.wrap(fill(bodies[request.kind], text))
             keys.append(request.key())
-            encoded.append(runner.encode(self._loaded, prompt, images))
+            encoded.append(runner.encode(self._loaded, prompt, images, max_image_tiles=self.max_image_tiles))
         return _Prepared(keys, encoded)
 
     def _truncate(self, text: str, index: int) -> str:
@@ -288,6 +363,36 @@ class E5VEmbedder:
                 "the model produced non-finite values (overflow in float16?); use dtype='bfloat16' or 'float32'"
             )
         return result
+
+
+def _quantization_kwargs(
+    quantization: str, model_kwargs: dict[str, Any] | None, device: torch.device, dtype: str | torch.dtype | None
+) -> dict[str, Any]:
+    """``model_kwargs`` with a bitsandbytes config; the vision tower and projector stay unquantised."""
+    if quantization not in ("8bit", "4bit"):
+        raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise ModelLoadError(
+            f"quantization={quantization!r} needs bitsandbytes, which is not installed: "
+            "pip install bitsandbytes (and a CUDA GPU), or leave quantization=None"
+        ) from None
+    if device.type != "cuda":
+        raise ModelLoadError(f"quantization={quantization!r} runs on CUDA only, not on {device}; use dtype instead")
+    from transformers import BitsAndBytesConfig
+
+    skip = ["vision_tower", "multi_modal_projector", "lm_head"]
+    if quantization == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    else:
+        config = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=loading.resolve_dtype(dtype, device),
+            llm_int8_skip_modules=skip,
+        )
+    return {**(model_kwargs or {}), "quantization_config": config}
 
 
 def _bodies_of(prompt_set: PromptSet) -> dict[str, str]:

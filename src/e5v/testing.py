@@ -18,6 +18,9 @@ Presets:
   ``vocab_size`` (one past the embedding table) and the saved processor has no
   ``patch_size``.
 - ``"small"``: larger, with E5-V's proportions (see :data:`PRESETS`), for CPU benchmarks.
+- ``"e5v-8b"``: E5-V's full size (Llama-3-8B + CLIP ViT-L/14-336, ``<image>`` at 128256
+  as published), for GPU benchmarks: build it in memory on the GPU with
+  :func:`build_random_model`, not on disk.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from pathlib import Path
 
 from e5v.prompts import IMAGE_TOKEN, LLAMA3_SPECIAL_TOKENS
 
-__all__ = ["PRESETS", "CheckpointSpec", "build_tiny_checkpoint", "llava_next_config"]
+__all__ = ["PRESETS", "CheckpointSpec", "build_random_model", "build_tiny_checkpoint", "llava_next_config"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,8 @@ class CheckpointSpec:
     max_position_embeddings: int = 4096
     padding_side: str = "right"
     published_traps: bool = False
+    #: Pad the tokenizer with unreachable tokens so that ``<image>`` gets this id.
+    image_token_id: int | None = None
 
     @property
     def grid_pinpoints(self) -> list[list[int]]:
@@ -84,6 +89,26 @@ PRESETS: dict[str, CheckpointSpec] = {
         image_size=112,
         tokenizer_vocab_size=4000,
     ),
+    # E5-V itself: Llama-3-8B (4096 hidden, 32 layers, 32 heads / 8 KV heads, MLP 14336,
+    # vocab 128256 with <image> at 128256, one past the table) and CLIP ViT-L/14-336
+    # (1024 hidden, 24 layers, 16 heads, MLP 4096), anyres up to 672x672.
+    "e5v-8b": CheckpointSpec(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vision_hidden_size=1024,
+        vision_num_hidden_layers=24,
+        vision_num_attention_heads=16,
+        vision_intermediate_size=4096,
+        image_size=336,
+        tokenizer_vocab_size=4000,
+        max_position_embeddings=8192,
+        padding_side="left",
+        published_traps=True,
+        image_token_id=128256,
+    ),
 }
 
 _CORPUS = (
@@ -110,6 +135,8 @@ def _build_tokenizer(spec: CheckpointSpec):  # -> PreTrainedTokenizerFast
     )
     tok.train_from_iterator([_CORPUS] * 4, trainer)
     specials = [BOS_TOKEN, EOS_TOKEN, *LLAMA3_SPECIAL_TOKENS]
+    if spec.image_token_id is not None:
+        tok = _pad_vocabulary(tok, spec.image_token_id - len(specials))
     tok.add_special_tokens(specials)
     tok.add_special_tokens([IMAGE_TOKEN])  # last, as in E5-V: id == len(tokenizer) - 1
     bos_id = tok.token_to_id(BOS_TOKEN)
@@ -125,6 +152,18 @@ def _build_tokenizer(spec: CheckpointSpec):  # -> PreTrainedTokenizerFast
         model_max_length=spec.max_position_embeddings,
     )
     return fast
+
+
+def _pad_vocabulary(tok, size: int):  # (Tokenizer, int) -> Tokenizer
+    """The BPE tokenizer with unreachable filler entries up to ``size`` ids."""
+    from tokenizers import Tokenizer
+
+    data = json.loads(tok.to_str())
+    vocab = data["model"]["vocab"]
+    if len(vocab) > size:
+        raise ValueError(f"cannot pad a vocabulary of {len(vocab)} down to {size}")
+    vocab.update({f"<|filler_{i}|>": i for i in range(len(vocab), size)})
+    return Tokenizer.from_str(json.dumps(data))
 
 
 def llava_next_config(spec: CheckpointSpec, *, vocab_size: int, image_token_index: int):  # -> LlavaNextConfig
@@ -171,8 +210,7 @@ def build_tiny_checkpoint(path: str | Path, preset: str | CheckpointSpec = "tiny
     Offline and deterministic for a given ``seed``; a few seconds on a CPU.
     """
     import torch
-    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
-    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+    from transformers import LlavaNextForConditionalGeneration
 
     spec = PRESETS[preset] if isinstance(preset, str) else preset
     path = Path(path)
@@ -188,24 +226,64 @@ def build_tiny_checkpoint(path: str | Path, preset: str | CheckpointSpec = "tiny
     model = LlavaNextForConditionalGeneration(config).eval()
     model.save_pretrained(path, safe_serialization=True)
 
+    processor = _build_processor(spec, tokenizer)
+    processor.save_pretrained(path)
+    if spec.published_traps:
+        _strip_processor_fields(path)
+    logger.debug("built %s checkpoint at %s", preset, path)
+    return path
+
+
+def _build_processor(spec: CheckpointSpec, tokenizer):  # -> LlavaNextProcessor
+    from transformers import LlavaNextProcessor
+    from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
     size = spec.image_size
     image_processor = LlavaNextImageProcessorPil(
         size={"shortest_edge": size},
         crop_size={"height": size, "width": size},
         image_grid_pinpoints=spec.grid_pinpoints,
     )
-    processor = LlavaNextProcessor(
+    return LlavaNextProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=spec.patch_size,
         vision_feature_select_strategy="default",
         num_additional_image_tokens=1,
     )
-    processor.save_pretrained(path)
-    if spec.published_traps:
-        _strip_processor_fields(path)
-    logger.debug("built %s checkpoint at %s", preset, path)
-    return path
+
+
+def build_random_model(
+    preset: str | CheckpointSpec, *, device: str = "cpu", dtype: str = "float32", seed: int = 0
+):  # -> e5v.loading.LoadedModel
+    """A random model built directly on ``device`` in ``dtype``, never saved, ready for
+    ``E5VEmbedder(loaded)``. ``"e5v-8b"`` takes 16 GB in bfloat16 (32 GB in float32)."""
+    import torch
+    from transformers import LlavaNextForConditionalGeneration
+
+    from e5v.loading import LoadedModel, resolve_dtype
+
+    spec = PRESETS[preset] if isinstance(preset, str) else preset
+    target_device, target_dtype = torch.device(device), resolve_dtype(dtype, torch.device(device))
+    tokenizer = _build_tokenizer(spec)
+    image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    vocab_size = image_token_index if spec.published_traps else len(tokenizer)
+    config = llava_next_config(spec, vocab_size=vocab_size, image_token_index=image_token_index)
+    torch.manual_seed(seed)
+    with target_device:
+        model = LlavaNextForConditionalGeneration._from_config(
+            config, dtype=target_dtype, attn_implementation="sdpa"
+        ).eval()
+    model.requires_grad_(False)
+    name = preset if isinstance(preset, str) else "custom"
+    return LoadedModel(
+        model=model,
+        processor=_build_processor(spec, tokenizer),
+        name=f"random-init:{name}:seed={seed}",
+        revision=None,
+        dtype=target_dtype,
+        image_token_id=image_token_index,
+    )
 
 
 def _strip_processor_fields(path: Path) -> None:

@@ -26,6 +26,9 @@ from e5v.training import (
     load_pairs,
 )
 
+# peft asks transformers for the old name of a property.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
+
 SUBJECTS = ("dog", "cat", "fox", "car", "rocket", "coffee", "river", "jacket")
 ROWS = [
     row
@@ -185,7 +188,7 @@ def test_cli_trains_and_merges(tiny_path: Path, tmp_path: Path, photos) -> None:
     e5v = Path(sys.executable).with_name("e5v")
     command = [str(e5v), "train", "--model", str(tiny_path), "--data", str(data), "--output", str(output)]
     command += ["--merge-to", str(merged), "--max-steps", "2", "--batch-size", "4", "--lr", "1e-2", "--cpu"]
-    command += ["--warmup-steps", "1", "--symmetric", "--eval-data", str(data)]
+    command += ["--warmup-steps", "1", "--symmetric"]
     done = subprocess.run(
         command, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"}
     )

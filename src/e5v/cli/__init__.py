@@ -13,7 +13,7 @@ from e5v import __version__
 __all__ = ["main"]
 
 #: Modules of ``e5v.cli`` that each define ``register(subparsers)``.
-SUBCOMMANDS: tuple[str, ...] = ("train",)
+SUBCOMMANDS: tuple[str, ...] = ("index", "search", "embed", "train", "bench", "ray_embed")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,98 @@
+"""``e5v search``: query a collection made by ``e5v index`` with text, an image, or both."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from e5v.cli.common import add_collection_options, add_model_options
+
+if TYPE_CHECKING:
+    from e5v.store import Hit
+
+__all__ = ["register"]
+
+EPILOG = """\
+TEXT alone is a text query, --image alone an image query, and both a composed query:
+the image changed as TEXT says (E5-V's composed-retrieval prompt). The score is the
+cosine similarity of query and result. By default the collection's own model is used;
+another --model is refused.
+
+examples:
+  e5v search "a cat"
+  e5v search --image examples/data/chelsea.png -k 3
+  e5v search "make it a dog" --image examples/data/chelsea.png --kind image
+  e5v search "coffee brewing" --kind text --json | jq '.[0].text'
+"""
+
+PREVIEW_CHARS = 70
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "search",
+        help="search a collection by text, image, or a composed query",
+        description="Search a collection made by `e5v index`.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("text", nargs="?", metavar="TEXT", help="query text (with --image: the change to make)")
+    parser.add_argument("--image", metavar="PATH", help="query image file")
+    parser.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
+    parser.add_argument("--kind", choices=("image", "text"), help="only results of this kind")
+    parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
+    add_collection_options(parser)
+    add_model_options(
+        parser, model_default=None, model_help="hub id or local directory (default: the collection's model)"
+    )
+    parser.set_defaults(handler=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from e5v.errors import E5VError, InvalidInputError
+    from e5v.store import Store, StoreError
+
+    if args.text is None and args.image is None:
+        sys.stderr.write("e5v search: error: give a query TEXT, an --image, or both\n")
+        return 2
+    try:
+        store = Store(args.db, args.collection)
+        embedder = store.connect(
+            args.model, revision=args.revision, device=args.device, dtype=args.dtype, batch_size=args.batch_size
+        )
+        if args.image is None:
+            query = embedder.embed_texts([args.text])
+        elif args.text is None:
+            query = embedder.embed_images([args.image])
+        else:
+            query = embedder.embed_composed([args.image], [args.text])
+        hits = store.query(query[0], k=args.k, kind=args.kind)
+    except (StoreError, InvalidInputError) as exc:
+        sys.stderr.write(f"e5v search: error: {str(exc).removeprefix('item 0: ')}\n")
+        return 2
+    except E5VError as exc:
+        sys.stderr.write(f"e5v search: error: {exc}\n")
+        return 1
+    if args.json:
+        sys.stdout.write(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False, indent=2) + "\n")
+    else:
+        sys.stdout.write((_table(hits) if hits else "no results") + "\n")
+    return 0
+
+
+def _table(hits: Sequence[Hit]) -> str:
+    rows = [("rank", "score", "kind", "path", "passage")]
+    for hit in hits:
+        preview = ""
+        if hit.text is not None:
+            flat = " ".join(hit.text.split())
+            flat = flat if len(flat) <= PREVIEW_CHARS else flat[: PREVIEW_CHARS - 3] + "..."
+            preview = f"#{hit.passage} {flat}"
+        rows.append((str(hit.rank), f"{hit.score:.4f}", hit.kind, hit.path, preview))
+    widths = [max(len(row[column]) for row in rows) for column in range(4)]
+    return "\n".join(
+        "  ".join([*(cell.ljust(width) for cell, width in zip(row[:4], widths)), row[4]]).rstrip() for row in rows
+    )

@@ -1,0 +1,372 @@
+"""Files indexed into, and searched in, a Chroma collection of E5-V vectors.
+
+A collection is created with :class:`chromadb_e5v.E5VEmbeddingFunction`, so its model
+name, revision, dtype and prompts are persisted in its configuration; records are
+embedded here (batches and progress under our control) and written with
+``embeddings=``. Metadata: ``path`` (absolute), ``kind`` (``image``/``text``),
+``sha256`` (of the file), and ``passage``, ``start``, ``end`` for text passages, whose
+text is the record's document. Needs ``chromadb`` and ``chromadb-e5v``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from e5v.embedder import DEFAULT_MODEL, E5VEmbedder
+from e5v.errors import E5VError, InvalidInputError
+from e5v.indexing import DEFAULT_MAX_CHARS, FileRecords, Record, SkippedPath, load_file, walk
+from e5v.inputs import ImageLoader
+
+if TYPE_CHECKING:
+    from chromadb.api.models.Collection import Collection
+
+__all__ = ["Hit", "IndexSummary", "Store", "StoreError", "index_files"]
+
+logger = logging.getLogger(__name__)
+
+#: Records embedded (and written) together: this many forward batches' worth.
+BATCHES_PER_WRITE = 4
+
+
+class StoreError(E5VError):
+    """The collection cannot be used as asked: missing, not made by e5v, or of another model."""
+
+
+@dataclass(frozen=True)
+class Hit:
+    """One search result; ``score`` is the cosine similarity to the query."""
+
+    rank: int
+    id: str
+    score: float
+    kind: str
+    path: str
+    passage: int | None = None
+    start: int | None = None
+    end: int | None = None
+    text: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        keys = ("rank", "id", "score", "kind", "path")
+        if self.kind == "text":
+            keys += ("passage", "start", "end", "text")
+        return {key: getattr(self, key) for key in keys}
+
+
+@dataclass
+class IndexSummary:
+    """Counts of files: indexed (and their records), unchanged, empty, failed, pruned."""
+
+    indexed: int = 0
+    records: int = 0
+    unchanged: int = 0
+    empty: int = 0
+    pruned: int = 0
+    failed: list[SkippedPath] = field(default_factory=list)
+
+    def line(self) -> str:
+        parts = [
+            f"indexed {self.indexed} files ({self.records} records)",
+            f"skipped {self.unchanged} unchanged",
+            f"failed {len(self.failed)}",
+        ]
+        if self.empty:
+            parts.append(f"empty {self.empty}")
+        parts.append(f"pruned {self.pruned}")
+        return ", ".join(parts)
+
+
+def _chromadb() -> Any:
+    try:
+        import chromadb
+
+        import chromadb_e5v  # noqa: F401  (registers the "e5v" embedding function)
+    except ImportError as exc:
+        raise E5VError(f"{exc.name} is not installed; `pip install chromadb-e5v` to index and search") from None
+    return chromadb
+
+
+def model_key(name: str | Path) -> str:
+    """How a model is named in a collection: local folders by absolute path."""
+    path = Path(name).expanduser()
+    return str(path.resolve()) if path.is_dir() else str(name)
+
+
+class Store:
+    """An e5v collection in a Chroma database folder (``PersistentClient``).
+
+    ``create=False`` refuses a database folder or collection that does not exist.
+    The model is loaded only by :meth:`connect`.
+    """
+
+    def __init__(self, db: str | Path, name: str = "e5v", *, create: bool = False) -> None:
+        chromadb = _chromadb()
+        self.db, self.name = Path(db).expanduser(), name
+        if not create and not self.db.is_dir():
+            raise StoreError(f"no database at {str(self.db)!r}; index files first with `e5v index PATH --db {db}`")
+        self._client = chromadb.PersistentClient(path=str(self.db))
+        self.collection: Collection | None = None
+        self.config: dict[str, Any] | None = None
+        try:
+            self.collection = self._client.get_collection(name)
+        except chromadb.errors.NotFoundError:
+            if not create:
+                raise StoreError(
+                    f"no collection {name!r} in {str(self.db)!r}; index files first with "
+                    f"`e5v index PATH --db {db} --collection {name}`"
+                ) from None
+            return
+        function = self.collection.configuration_json.get("embedding_function") or {}
+        if function.get("name") != "e5v":
+            raise StoreError(
+                f"collection {name!r} in {str(self.db)!r} was not made by e5v (its embedding function is "
+                f"{function.get('name')!r}); pick another --collection"
+            )
+        self.config = function["config"]
+
+    def model(self, requested: str | None = None, revision: str | None = None) -> str:
+        """The model to embed with: the collection's (``requested`` must match it), else
+        ``requested`` or the default for a new collection. Raises :class:`StoreError`."""
+        if self.config is None:
+            return model_key(requested or DEFAULT_MODEL)
+        stored, stored_revision = self.config["model_name"], self.config.get("revision")
+        if (requested is not None and model_key(requested) != stored) or (
+            revision is not None and revision != stored_revision
+        ):
+            asked = f"{requested or stored!r}" + (f" at revision {revision!r}" if revision else "")
+            built = f"{stored!r}" + (f" at revision {stored_revision!r}" if stored_revision else "")
+            raise StoreError(
+                f"collection {self.name!r} in {str(self.db)!r} holds vectors of {built}, not {asked}: vectors "
+                f"of different models do not compare. Leave out --model to use {stored!r}, or pick a new "
+                "--collection (or --db) for the other model"
+            )
+        return stored
+
+    def connect(
+        self,
+        requested: str | None = None,
+        *,
+        revision: str | None = None,
+        device: str | None = None,
+        dtype: str | None = None,
+        batch_size: int = 16,
+    ) -> E5VEmbedder:
+        """Load the model (checked by :meth:`model`) and create the collection if needed."""
+        from chromadb_e5v import E5VEmbeddingFunction
+        from e5v.prompts import PromptSet
+
+        name = self.model(requested, revision)
+        config = self.config or {}
+        prompts = config.get("prompts")
+        function = E5VEmbeddingFunction(
+            name,
+            device=device,
+            # the stored dtype by default: Chroma rebuilds the function from its config
+            # on writes, and an equal config shares this model instead of loading another
+            dtype=dtype if dtype is not None else config.get("dtype"),
+            batch_size=batch_size,
+            revision=revision if self.config is None else config.get("revision"),
+            prompts=PromptSet(**prompts) if isinstance(prompts, dict) else prompts,
+        )
+        if self.collection is None:
+            self.collection = self._client.create_collection(self.name, embedding_function=function)
+            self.config = function.get_config()
+            logger.info("created collection %r in %s for %s", self.name, self.db, name)
+        else:
+            self.collection = self._client.get_collection(self.name, embedding_function=function)
+        return function.embedder
+
+    def hashes(self) -> dict[str, str]:
+        """``path -> sha256`` of what is stored; ``""`` for a path stored with mixed hashes."""
+        found: dict[str, str] = {}
+        for metadata in self._metadatas():
+            path, digest = str(metadata.get("path")), str(metadata.get("sha256"))
+            found[path] = digest if found.get(path, digest) == digest else ""
+        return found
+
+    def _metadatas(self, page: int = 5000) -> Iterator[dict[str, Any]]:
+        if self.collection is None:
+            return
+        offset = 0
+        while True:
+            got = self.collection.get(include=["metadatas"], limit=page, offset=offset)
+            yield from (metadata or {} for metadata in got["metadatas"] or [])
+            if len(got["ids"]) < page:
+                return
+            offset += page
+
+    def write(self, files: Sequence[FileRecords], vectors: np.ndarray) -> None:
+        """Store the files' records (vectors in record order), then drop their older records."""
+        assert self.collection is not None, "connect() first"
+        records = [record for file in files for record in file.records]
+        step = self._client.get_max_batch_size()
+        for start in range(0, len(records), step):
+            part = records[start : start + step]
+            self.collection.upsert(
+                ids=[record.id for record in part],
+                embeddings=vectors[start : start + step],
+                metadatas=[record.metadata for record in part],
+                documents=[record.document for record in part],  # type: ignore[misc]
+            )
+        for file in files:
+            self.collection.delete(where={"$and": [{"path": file.path}, {"sha256": {"$ne": file.sha256}}]})
+
+    def remove(self, paths: Iterable[str]) -> None:
+        """Delete every record of ``paths``."""
+        paths = list(paths)
+        if self.collection is None:
+            return
+        for start in range(0, len(paths), 500):
+            self.collection.delete(where={"path": {"$in": paths[start : start + 500]}})
+
+    def query(self, vector: np.ndarray, k: int = 10, kind: str | None = None) -> list[Hit]:
+        """The ``k`` records nearest to ``vector`` (of ``kind`` if given), best first."""
+        assert self.collection is not None, "connect() first"
+        count = self.collection.count()
+        if count == 0 or k < 1:
+            return []
+        found = self.collection.query(
+            query_embeddings=vector.reshape(1, -1),
+            n_results=min(k, count),
+            where={"kind": kind} if kind else None,
+            include=["metadatas", "documents", "distances"],
+        )
+        space = (self.collection.configuration_json.get("hnsw") or {}).get("space", "cosine")
+        hits = []
+        rows = zip(found["ids"][0], found["distances"][0], found["metadatas"][0], found["documents"][0])
+        for rank, (id_, distance, metadata, document) in enumerate(rows, 1):
+            meta = metadata or {}
+            hits.append(
+                Hit(
+                    rank=rank,
+                    id=id_,
+                    score=round(1.0 - distance / 2 if space == "l2" else 1.0 - distance, 6),
+                    kind=str(meta.get("kind")),
+                    path=str(meta.get("path")),
+                    passage=meta.get("passage"),
+                    start=meta.get("start"),
+                    end=meta.get("end"),
+                    text=document,
+                )
+            )
+        return hits
+
+
+def index_files(
+    store: Store,
+    paths: Sequence[str | Path],
+    connect: Callable[[], E5VEmbedder],
+    *,
+    batch_size: int = 16,
+    max_chars: int = DEFAULT_MAX_CHARS,
+    prune: bool = False,
+    progress: bool = True,
+    report: Callable[[SkippedPath], None] = lambda _skipped: None,
+) -> IndexSummary:
+    """Index the images and texts under ``paths`` into ``store``, incrementally.
+
+    Unchanged files (same path and sha256) are skipped; a changed file's records are
+    replaced. ``connect`` loads the model, called only if something must be embedded.
+    A file that cannot be read, decoded or embedded is passed to ``report`` and
+    skipped, and its older records are deleted. ``prune`` deletes the records of every
+    stored file that no longer exists.
+    """
+    from tqdm.auto import tqdm
+
+    summary = IndexSummary()
+
+    def fail(skipped: SkippedPath) -> None:
+        summary.failed.append(skipped)
+        report(skipped)
+
+    files, missing = walk(paths)
+    for skipped in missing:
+        fail(skipped)
+    known = store.hashes()
+    staged: list[FileRecords] = []
+    emptied: list[str] = []
+    images = ImageLoader()
+    for path in tqdm(files, desc="Reading", unit="file", disable=not progress, leave=False):
+        loaded = load_file(path, max_chars=max_chars, known=known, images=images)
+        if loaded is None:
+            summary.unchanged += 1
+        elif isinstance(loaded, SkippedPath):
+            fail(loaded)
+        elif not loaded.records:
+            summary.empty += 1
+            emptied.append(loaded.path)
+        else:
+            staged.append(loaded)
+    store.remove(path for path in emptied if path in known)
+
+    if staged:
+        embedder = connect()
+        total = sum(len(file.records) for file in staged)
+        with tqdm(total=total, desc="Embedding", unit="item", disable=not progress) as bar:
+            for group in _groups(staged, batch_size * BATCHES_PER_WRITE):
+                written, failed = _embed_files(embedder, group, batch_size)
+                for skipped in failed:
+                    fail(skipped)
+                if written:
+                    store.write([file for file, _ in written], np.concatenate([vectors for _, vectors in written]))
+                    summary.indexed += len(written)
+                    summary.records += sum(len(file.records) for file, _ in written)
+                bar.update(sum(len(file.records) for file in group))
+
+    store.remove(skipped.path for skipped in summary.failed if skipped.path in known)
+    if prune:
+        gone = [path for path in known if not Path(path).exists()]
+        store.remove(gone)
+        summary.pruned = len(gone)
+    return summary
+
+
+def _groups(files: Sequence[FileRecords], size: int) -> Iterator[list[FileRecords]]:
+    """Whole files, in groups of at least ``size`` records (but the last)."""
+    group: list[FileRecords] = []
+    count = 0
+    for file in files:
+        group.append(file)
+        count += len(file.records)
+        if count >= size:
+            yield group
+            group, count = [], 0
+    if group:
+        yield group
+
+
+def _items(records: Sequence[Record]) -> list[Any]:
+    """What the embedder takes: a ``Path`` is an image, a ``str`` a text."""
+    return [Path(record.path) if record.passage is None else record.passage.text for record in records]
+
+
+def _embed_files(
+    embedder: E5VEmbedder, files: list[FileRecords], batch_size: int
+) -> tuple[list[tuple[FileRecords, np.ndarray]], list[SkippedPath]]:
+    """Embed the files' records together; if one item is bad, file by file to find it."""
+    records = [record for file in files for record in file.records]
+    try:
+        vectors = embedder.embed(_items(records), batch_size=batch_size)
+    except InvalidInputError:
+        logger.debug("a group of %d files has a bad item; embedding file by file", len(files))
+    else:
+        done, start = [], 0
+        for file in files:
+            done.append((file, vectors[start : start + len(file.records)]))
+            start += len(file.records)
+        return done, []
+    done, failed = [], []
+    for file in files:
+        try:
+            done.append((file, embedder.embed(_items(file.records), batch_size=batch_size)))
+        except InvalidInputError as exc:
+            reason = str(exc) if exc.index is None else str(exc).removeprefix(f"item {exc.index}: ")
+            where = f"passage {exc.index}: " if file.kind == "text" and exc.index is not None else ""
+            failed.append(SkippedPath(file.path, where + reason))
+    return done, failed

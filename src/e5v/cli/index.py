@@ -49,11 +49,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
     from e5v.errors import E5VError
     from e5v.indexing import SkippedPath
     from e5v.store import Store, StoreError, index_files
-
-    from tqdm.auto import tqdm
 
     def report(skipped: SkippedPath) -> None:
         tqdm.write(f"failed: {skipped.path}: {skipped.reason}", file=sys.stderr)  # above the progress bars

@@ -339,3 +339,10 @@ def test_config_rejects_bad_values(tmp_path: Path) -> None:
         TrainingConfig(data="d.csv", output_dir=tmp_path, batch_size=0)
     with pytest.raises(ValueError, match="unknown roles"):
         TrainingConfig(data="d.csv", output_dir=tmp_path, columns={"query": "q"})
+
+
+def test_missing_adapter_is_a_load_error(tiny_path: Path, tmp_path: Path) -> None:
+    from e5v.errors import ModelLoadError
+
+    with pytest.raises(ModelLoadError, match=r"cannot load the adapter .*adapter_config\.json"):
+        E5VEmbedder(tiny_path, adapter=tmp_path / "nowhere")

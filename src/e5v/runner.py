@@ -156,15 +156,28 @@ def _image_features(loaded: LoadedModel, items: Sequence[Encoded]) -> torch.Tens
     base = loaded.model.model
     config = loaded.model.config
     pixel_values = torch.cat([item.pixel_values for item in items]).to(loaded.input_device, loaded.dtype)
-    states = base.vision_tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
-    layer = config.vision_feature_layer
-    selected = states[layer] if isinstance(layer, int) else torch.cat([states[i] for i in layer], dim=-1)
+    selected = _vision_states(base.vision_tower, pixel_values, config.vision_feature_layer)
     if config.vision_feature_select_strategy == "default":
         selected = selected[:, 1:]
     projected = base.multi_modal_projector(selected)
     per_image = [(count, size, item.grid) for item in items for count, size in zip(item.tiles, item.image_sizes)]
     chunks = torch.split(projected, [count for count, _, _ in per_image], dim=0)
     return torch.cat([_pack(loaded, chunk, size, grid) for chunk, (_, size, grid) in zip(chunks, per_image)])
+
+
+def _vision_states(tower: torch.nn.Module, pixel_values: torch.Tensor, layer: int | list[int]) -> torch.Tensor:
+    """The vision tower's hidden states at ``layer``. A CLIP tower runs only the layers
+    below it (E5-V reads the second to last: one layer less) and keeps no other layer's
+    states; other towers run whole with ``output_hidden_states``."""
+    blocks = getattr(getattr(tower, "encoder", None), "layers", None)
+    clip_like = blocks is not None and hasattr(tower, "embeddings") and hasattr(tower, "pre_layrnorm")
+    if isinstance(layer, int) and clip_like:
+        hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
+        for block in blocks[: layer % (len(blocks) + 1)]:
+            hidden = block(hidden, None)
+        return hidden
+    states = tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states
+    return states[layer] if isinstance(layer, int) else torch.cat([states[i] for i in layer], dim=-1)
 
 
 def _pack(loaded: LoadedModel, tiles: torch.Tensor, image_size: torch.Tensor, grid: Grid) -> torch.Tensor:

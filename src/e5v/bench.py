@@ -1,0 +1,537 @@
+"""Benchmark: the official recipe against e5v's fast path, on the same model and inputs.
+
+:func:`run_bench` times both in one process, alternating repetitions (recipe, fast,
+fast, recipe, ...) so that drift in the machine's speed hits both alike, on three
+corpora: texts of 5-60 words, real photos of different sizes (crops of scikit-image's
+data photos) and a mixed corpus (texts, images, composed queries). It reports items/s,
+the speed-up, the peak memory of each path above what was allocated before it ran, and
+the largest absolute difference between their vectors.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` above the allocation at the
+start of the phase; on Linux CPUs, the resident-set high-water mark (``VmHWM``, reset
+through ``/proc/self/clear_refs`` after ``malloc_trim``) above the resident set at the
+start. Elsewhere it is not measured (``None``).
+
+FLOPs (the useful work of both paths; the recipe's LM head is not counted), with ``T``
+vision tokens a tile (patches + CLS), ``n`` tokens a prompt, ``L`` layers, ``d`` widths,
+``i`` MLP widths, ``d_kv`` the key/value width, ``p`` the patch side::
+
+    vision tile  = 2*T*3*p*p*d_v + L_v * (2*T*(4*d_v^2 + 2*d_v*i_v) + 4*T^2*d_v)
+    projector    = 2*(T-1)*(d_v*d + d*d)            (per tile)
+    decoder      = L * (2*n*(2*d^2 + 2*d*d_kv + 3*d*i) + 2*n^2*d)   (causal attention)
+
+``fraction_of_peak`` divides the achieved FLOP/s by the device's dense bf16 peak.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import logging
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from e5v import runner
+from e5v.embedder import E5VEmbedder
+from e5v.errors import E5VError
+from e5v.inputs import Composed, ImageLoader
+from e5v.loading import LoadedModel, add_image_token_row
+from e5v.prompts import fill
+from e5v.reference import official_embedding
+
+__all__ = ["BenchReport", "PEAK_TFLOPS", "format_report", "make_corpus", "model_flops", "run_bench"]
+
+logger = logging.getLogger(__name__)
+
+#: Dense bf16 peak TFLOP/s by a substring of ``torch.cuda.get_device_name()`` (first match).
+PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756.0),
+    ("H200", 989.0),
+    ("H100", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10", 125.0),
+    ("L4", 121.0),
+)
+
+_WORDS = [
+    "the",
+    "a",
+    "dog",
+    "cat",
+    "river",
+    "park",
+    "red",
+    "blue",
+    "green",
+    "rocket",
+    "coffee",
+    "table",
+    "house",
+    "car",
+    "tree",
+    "sky",
+    "city",
+    "night",
+    "morning",
+    "photo",
+    "of",
+    "with",
+    "on",
+    "under",
+    "near",
+    "small",
+    "large",
+    "old",
+    "new",
+    "running",
+    "sleeping",
+    "flying",
+    "bright",
+    "dark",
+    "wooden",
+    "glass",
+    "mountain",
+    "beach",
+    "street",
+    "window",
+    "garden",
+    "book",
+    "chair",
+    "lamp",
+    "child",
+    "woman",
+    "man",
+    "bird",
+    "flower",
+    "road",
+    "bridge",
+    "boat",
+    "snow",
+    "rain",
+    "sun",
+    "cloud",
+    "field",
+    "forest",
+    "jacket",
+    "shirt",
+    "shoe",
+    "bag",
+    "phone",
+    "screen",
+    "kitchen",
+    "door",
+    "wall",
+    "light",
+    "stone",
+]
+_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel")
+_EDITS = ("make it red", "at night", "in the snow", "with long sleeves", "seen from above", "as a sketch")
+
+
+@dataclass
+class PathResult:
+    """One path (recipe or fast) on one corpus."""
+
+    seconds: float  # median over repetitions
+    items_per_s: float
+    peak_memory_mb: float | None
+    activation_mb_per_item: float | None  # peak / items held at once (recipe: 1, fast: a batch)
+    tflops_per_s: float
+    fraction_of_peak: float | None
+
+
+@dataclass
+class CorpusResult:
+    items: int
+    recipe: PathResult
+    fast: PathResult
+    speedup: float
+    max_abs_diff: float
+
+
+@dataclass
+class CacheResult:
+    items: int
+    cold_seconds: float
+    warm_seconds: float
+    warm_speedup: float  # cold / warm
+    max_abs_diff: float  # warm against cold vectors
+
+
+@dataclass
+class BenchReport:
+    model: str
+    device: str
+    device_name: str
+    dtype: str
+    batch_size: int
+    repeats: int
+    peak_tflops: float | None
+    corpora: dict[str, CorpusResult] = field(default_factory=dict)
+    cache: CacheResult | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# -- corpus ---------------------------------------------------------------------------
+
+
+def make_corpus(texts: int, images: int, mixed: int, *, seed: int = 0) -> dict[str, list[Any]]:
+    """Deterministic, duplicate-free corpora (so the fast path's dedup gains nothing)."""
+    rng = np.random.default_rng(seed)
+    photos = _photos()
+    seen: set[str] = set()
+
+    def text() -> str:
+        while True:
+            words = rng.choice(_WORDS, size=int(rng.integers(5, 61)))
+            sentence = " ".join(words).capitalize() + "."
+            if sentence not in seen:
+                seen.add(sentence)
+                return sentence
+
+    counter = iter(range(1 << 30))
+
+    def image() -> Image.Image:
+        k = next(counter)
+        photo = photos[k % len(photos)]
+        scale = 0.45 + 0.55 * rng.random()
+        width, height = max(32, int(photo.width * scale)), max(32, int(photo.height * scale))
+        left, top = int(rng.integers(0, photo.width - width + 1)), int(rng.integers(0, photo.height - height + 1))
+        return photo.crop((left, top, left + width, top + height))
+
+    mixed_items: list[Any] = []
+    for i in range(mixed):
+        kind = i % 3
+        if kind == 0:
+            mixed_items.append(text())
+        else:
+            mixed_items.append(image() if kind == 1 else Composed(image(), str(rng.choice(_EDITS))))
+    return {
+        "texts": [text() for _ in range(texts)],
+        "images": [image() for _ in range(images)],
+        "mixed": mixed_items,
+    }
+
+
+def _photos() -> list[Image.Image]:
+    from skimage import data
+
+    photos = []
+    for name in _PHOTOS:
+        try:
+            photos.append(Image.fromarray(getattr(data, name)()).convert("RGB"))
+        except Exception as exc:  # an optional photo that needs a download
+            logger.debug("skipping scikit-image photo %s: %s", name, exc)
+    if not photos:
+        raise E5VError("no scikit-image photo available; pip install scikit-image")
+    return photos
+
+
+# -- measurement ----------------------------------------------------------------------
+
+
+class _Memory:
+    """Peak memory of a phase above its start, in MiB (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._libc = _libc()
+        self._base = 0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+            return
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+        try:
+            Path("/proc/self/clear_refs").write_text("5")
+            self._base = _proc_status_kb("VmRSS") * 1024
+        except OSError:
+            self._base = -1
+
+    def peak_mb(self) -> float | None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return (torch.cuda.max_memory_allocated(self.device) - self._base) / 2**20
+        if self._base < 0:
+            return None
+        return (_proc_status_kb("VmHWM") * 1024 - self._base) / 2**20
+
+
+def _libc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def _proc_status_kb(name: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(name + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{name} not in /proc/self/status")
+
+
+def model_flops(loaded: LoadedModel, encoded: Sequence[runner.Encoded]) -> float:
+    """FLOPs of the vision tower, projector and decoder for ``encoded`` (module docstring)."""
+    config = loaded.model.config
+    vision, text = config.vision_config, config.text_config
+    side = vision.image_size // vision.patch_size
+    tokens = side * side + 1
+    d_v, i_v = vision.hidden_size, vision.intermediate_size
+    per_tile = 2 * tokens * 3 * vision.patch_size**2 * d_v
+    per_tile += vision.num_hidden_layers * (2 * tokens * (4 * d_v * d_v + 2 * d_v * i_v) + 4 * tokens**2 * d_v)
+    d, i = text.hidden_size, text.intermediate_size
+    per_tile += 2 * (tokens - 1) * (d_v * d + d * d)
+    d_kv = d * text.num_key_value_heads // text.num_attention_heads
+    total = 0.0
+    for item in encoded:
+        n = item.length
+        total += sum(item.tiles) * per_tile
+        total += text.num_hidden_layers * (2 * n * (2 * d * d + 2 * d * d_kv + 3 * d * i) + 2 * n * n * d)
+    return float(total)
+
+
+def peak_tflops_of(device: torch.device) -> tuple[str, float | None]:
+    """The device's name and its dense bf16 peak from :data:`PEAK_TFLOPS` (``None``: unknown or CPU)."""
+    if device.type != "cuda":
+        import platform
+
+        return platform.processor() or platform.machine() or "cpu", None
+    name = torch.cuda.get_device_name(device)
+    return name, next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+# -- the benchmark --------------------------------------------------------------------
+
+
+def _recipe_inputs(embedder: E5VEmbedder, items: Sequence[Any]) -> list[tuple[str, list[Image.Image]]]:
+    """Each item's full prompt and RGB images, exactly as the fast path builds them."""
+    prompts, loader = embedder.prompts, ImageLoader()
+    inputs = []
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            inputs.append((prompts.wrap(fill(prompts.text, item)), []))
+        elif isinstance(item, Composed):
+            inputs.append((prompts.wrap(fill(prompts.composed, item.text)), [loader.load(item.image, index)]))
+        else:
+            inputs.append((prompts.wrap(fill(prompts.image, "")), [loader.load(item, index)]))
+    return inputs
+
+
+def _timed(run: Callable[[], np.ndarray], memory: _Memory) -> tuple[float, float | None, np.ndarray]:
+    memory.start()
+    start = time.perf_counter()
+    vectors = run()
+    if memory.device.type == "cuda":
+        torch.cuda.synchronize(memory.device)
+    return time.perf_counter() - start, memory.peak_mb(), vectors
+
+
+def _bench_corpus(
+    embedder: E5VEmbedder, items: list[Any], repeats: int, peak: float | None, memory: _Memory
+) -> CorpusResult:
+    loaded = embedder._loaded
+    inputs = _recipe_inputs(embedder, items)
+    flops = model_flops(loaded, [runner.encode(loaded, prompt, images) for prompt, images in inputs])
+
+    def recipe() -> np.ndarray:
+        return np.stack([official_embedding(loaded.model, loaded.processor, p, i) for p, i in inputs])
+
+    def fast() -> np.ndarray:
+        return embedder.embed(items)
+
+    embedder.embed(items[:2])  # warm-up of both paths, outside the timings
+    np.stack([official_embedding(loaded.model, loaded.processor, p, i) for p, i in inputs[:2]])
+    times: dict[str, list[float]] = {"recipe": [], "fast": []}
+    peaks: dict[str, list[float]] = {"recipe": [], "fast": []}
+    vectors: dict[str, np.ndarray] = {}
+    for repeat in range(repeats):
+        order = (("recipe", recipe), ("fast", fast)) if repeat % 2 == 0 else (("fast", fast), ("recipe", recipe))
+        for name, run in order:
+            seconds, peak_mb, vectors[name] = _timed(run, memory)
+            times[name].append(seconds)
+            if peak_mb is not None:
+                peaks[name].append(peak_mb)
+
+    def result(name: str, at_once: int) -> PathResult:
+        seconds = statistics.median(times[name])
+        peak_mb = max(peaks[name]) if peaks[name] else None
+        achieved = flops / seconds / 1e12
+        return PathResult(
+            seconds=seconds,
+            items_per_s=len(items) / seconds,
+            peak_memory_mb=peak_mb,
+            activation_mb_per_item=None if peak_mb is None else peak_mb / at_once,
+            tflops_per_s=achieved,
+            fraction_of_peak=None if peak is None else achieved / peak,
+        )
+
+    recipe_result = result("recipe", 1)
+    fast_result = result("fast", min(embedder.batch_size, len(items)))
+    return CorpusResult(
+        items=len(items),
+        recipe=recipe_result,
+        fast=fast_result,
+        speedup=recipe_result.seconds / fast_result.seconds,
+        max_abs_diff=float(np.abs(vectors["recipe"] - vectors["fast"]).max()),
+    )
+
+
+def _bench_cache(loaded: LoadedModel, items: list[Any], batch_size: int) -> CacheResult:
+    """Cold then warm runs of the fast path with a fresh cache; images as PNG files."""
+    with tempfile.TemporaryDirectory(prefix="e5v-bench-") as root:
+        files: list[Any] = []
+        for index, item in enumerate(items):
+            if isinstance(item, Image.Image):
+                path = Path(root) / f"{index}.png"
+                item.save(path)
+                files.append(path)
+            else:
+                files.append(item)
+        cold_embedder = E5VEmbedder(loaded, batch_size=batch_size, cache=Path(root) / "cache")
+        start = time.perf_counter()
+        cold = cold_embedder.embed(files)
+        cold_seconds = time.perf_counter() - start
+        warm_embedder = E5VEmbedder(loaded, batch_size=batch_size, cache=Path(root) / "cache")
+        start = time.perf_counter()
+        warm = warm_embedder.embed(files)
+        warm_seconds = time.perf_counter() - start
+        if warm_embedder.cache is not None and warm_embedder.cache.misses:
+            logger.warning("warm cache run missed %d items", warm_embedder.cache.misses)
+    return CacheResult(
+        items=len(items),
+        cold_seconds=cold_seconds,
+        warm_seconds=warm_seconds,
+        warm_speedup=cold_seconds / warm_seconds,
+        max_abs_diff=float(np.abs(cold - warm).max()),
+    )
+
+
+def run_bench(
+    model: str | Path | LoadedModel | None = None,
+    *,
+    random_init: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+    batch_size: int = 16,
+    texts: int = 32,
+    images: int = 16,
+    mixed: int = 24,
+    repeats: int = 3,
+    cache: bool = False,
+    peak_tflops: float | None = None,
+    seed: int = 0,
+) -> BenchReport:
+    """Benchmark the recipe against the fast path; see the module docstring.
+
+    ``model`` is a hub id, a local checkpoint or a :class:`~e5v.loading.LoadedModel`;
+    or ``random_init`` names a :data:`e5v.testing.PRESETS` preset built with random
+    weights directly on ``device`` in ``dtype`` (nothing downloaded). ``cache`` adds
+    cold and warm runs of a fresh embedding cache on the mixed corpus.
+    """
+    loaded = _load(model, random_init, device, dtype, seed)
+    add_image_token_row(loaded.model)  # the recipe's one-time fix, outside every measurement
+    embedder = E5VEmbedder(loaded, batch_size=batch_size)
+    resolved = embedder.device
+    device_name, table_peak = peak_tflops_of(resolved)
+    peak = peak_tflops if peak_tflops is not None else table_peak
+    report = BenchReport(
+        model=loaded.name,
+        device=str(resolved),
+        device_name=device_name,
+        dtype=str(loaded.dtype).removeprefix("torch."),
+        batch_size=batch_size,
+        repeats=repeats,
+        peak_tflops=peak,
+    )
+    memory = _Memory(resolved)
+    for name, items in make_corpus(texts, images, mixed, seed=seed).items():
+        if items:
+            logger.info("benchmarking %d %s", len(items), name)
+            report.corpora[name] = _bench_corpus(embedder, items, repeats, peak, memory)
+    if cache and mixed:
+        report.cache = _bench_cache(loaded, make_corpus(0, 0, mixed, seed=seed + 1)["mixed"], batch_size)
+    return report
+
+
+def _load(
+    model: str | Path | LoadedModel | None, random_init: str | None, device: str | None, dtype: str | None, seed: int
+) -> LoadedModel:
+    from e5v import loading
+
+    if isinstance(model, LoadedModel):
+        return model
+    if random_init is None:
+        if model is None:
+            raise ValueError("give a model (hub id or path) or random_init")
+        return loading.load(model, device=device, dtype=dtype)
+    from e5v.testing import PRESETS, build_random_model
+
+    if random_init not in PRESETS:
+        raise ValueError(f"unknown random_init {random_init!r}; use one of {sorted(PRESETS)}")
+    target = loading.resolve_device(device)
+    if random_init == "e5v-8b" and target.type == "cpu":
+        raise E5VError(
+            "random_init='e5v-8b' is E5-V's full size: 8.4B parameters, 32 GB in float32 or 16 GB in "
+            "bfloat16, far too slow on a CPU; run it on a GPU (--device cuda --dtype bfloat16) or use 'small'"
+        )
+    resolved_dtype = loading.resolve_dtype(dtype, target)
+    dtype_name = str(resolved_dtype).removeprefix("torch.")
+    return build_random_model(random_init, device=str(target), dtype=dtype_name, seed=seed)
+
+
+def format_report(report: BenchReport) -> str:
+    """The report as plain-text tables."""
+
+    def mb(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:,.0f}"
+
+    lines = [
+        f"model {report.model} on {report.device} ({report.device_name}), {report.dtype}, "
+        f"batch size {report.batch_size}, median of {report.repeats} interleaved repetitions",
+        "",
+        f"{'corpus':<8}{'items':>6}{'recipe it/s':>13}{'fast it/s':>11}{'speed-up':>10}"
+        f"{'recipe peak MiB':>17}{'fast peak MiB':>15}{'max |Δ|':>10}",
+    ]
+    for name, result in report.corpora.items():
+        lines.append(
+            f"{name:<8}{result.items:>6}{result.recipe.items_per_s:>13.2f}{result.fast.items_per_s:>11.2f}"
+            f"{result.speedup:>9.2f}x{mb(result.recipe.peak_memory_mb):>17}{mb(result.fast.peak_memory_mb):>15}"
+            f"{result.max_abs_diff:>10.1e}"
+        )
+    images = report.corpora.get("images")
+    if images is not None:
+        lines.append("")
+        for label, path in (("recipe", images.recipe), ("fast", images.fast)):
+            share = "" if path.fraction_of_peak is None else f", {path.fraction_of_peak:.1%} of {report.peak_tflops:g}"
+            lines.append(
+                f"images, {label}: {path.tflops_per_s:.3f} TFLOP/s{share}; "
+                f"activation memory {mb(path.activation_mb_per_item)} MiB per image"
+            )
+    if report.cache is not None:
+        c = report.cache
+        lines += [
+            "",
+            f"cache ({c.items} mixed items): cold {c.cold_seconds:.2f} s, warm {c.warm_seconds:.3f} s, "
+            f"warm {c.warm_speedup:.0f}x faster, max |Δ| {c.max_abs_diff:.1e}",
+        ]
+    return "\n".join(lines)

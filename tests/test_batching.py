@@ -1,0 +1,51 @@
+"""Token-budget batching: budgets respected, long items alone, every index exactly once."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from e5v.batching import chunked, plan_batches
+
+
+@given(
+    costs=st.lists(st.integers(1, 500), max_size=60),
+    max_items=st.integers(1, 10),
+    max_tokens=st.one_of(st.none(), st.integers(1, 2000)),
+)
+def test_budgets_coverage_and_order(costs, max_items, max_tokens):
+    batches = plan_batches(costs, max_items=max_items, max_tokens=max_tokens)
+    assert sorted(i for batch in batches for i in batch) == list(range(len(costs)))
+    for batch in batches:
+        assert 1 <= len(batch) <= max_items
+        widths = [costs[i] for i in batch]
+        assert widths == sorted(widths, reverse=True)  # longest first: the first member sets the padding
+        if max_tokens is not None and len(batch) > 1:
+            assert max(widths) * len(batch) <= max_tokens
+    flat = [costs[i] for batch in batches for i in batch]
+    assert flat == sorted(flat, reverse=True)  # similar lengths batched together
+
+
+def test_item_over_the_token_budget_goes_alone():
+    assert plan_batches([10, 900, 10, 10], max_items=4, max_tokens=100) == [[1], [0, 2, 3]]
+
+
+def test_token_budget_splits_before_item_budget():
+    assert plan_batches([50] * 5, max_items=10, max_tokens=120) == [[0, 1], [2, 3], [4]]
+
+
+def test_ties_keep_input_order():
+    assert plan_batches([3, 3, 3], max_items=2) == [[0, 1], [2]]
+
+
+def test_empty_and_invalid_budgets():
+    assert plan_batches([], max_items=3) == []
+    with pytest.raises(ValueError, match="max_items"):
+        plan_batches([1], max_items=0)
+    with pytest.raises(ValueError, match="max_tokens"):
+        plan_batches([1], max_items=1, max_tokens=0)
+
+
+def test_chunked():
+    assert [list(c) for c in chunked(list(range(7)), 3)] == [[0, 1, 2], [3, 4, 5], [6]]

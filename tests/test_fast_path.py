@@ -1,0 +1,207 @@
+"""The fast path: equal to the recipe under any batching, dedup, look-ahead preparation,
+the image tile budget, quantisation errors, and the full-size random model's code path."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoProcessor, LlavaNextForConditionalGeneration
+
+from e5v import Composed, E5VEmbedder, Interleaved, runner
+from e5v.errors import ModelLoadError
+from e5v.inputs import IMAGE_TOKEN, ImageLoader
+from e5v.prompts import fill
+from e5v.reference import official_embedding
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def recipe_model(tiny_path):
+    model = LlavaNextForConditionalGeneration.from_pretrained(tiny_path, dtype=torch.float32).eval()
+    return model, AutoProcessor.from_pretrained(tiny_path)
+
+
+@pytest.fixture(scope="module")
+def corpus(photos):
+    return [
+        "A dog is running in the park",
+        photos["rocket"],
+        Composed(photos["cat"], "in the snow"),
+        "cat",
+        Interleaved(["a page:", photos["text"], "of text"]),
+        photos["logo"],
+        "The quick brown fox jumps over the lazy dog near the river bank at dawn, twice over.",
+        photos["camera"],
+        Composed(photos["coffee"], "make it tea"),
+    ]
+
+
+def recipe_vectors(embedder, model, processor, items):
+    loader, prompts, out = ImageLoader(), embedder.prompts, []
+    for index, item in enumerate(items):
+        if isinstance(item, str):
+            prompt, images = prompts.wrap(fill(prompts.text, item)), []
+        elif isinstance(item, Composed):
+            prompt, images = prompts.wrap(fill(prompts.composed, item.text)), [loader.load(item.image, index)]
+        elif isinstance(item, Interleaved):
+            parts = [p if isinstance(p, str) else IMAGE_TOKEN for p in item.parts]
+            prompt = prompts.wrap(fill(prompts.interleaved, "\n".join(parts)))
+            images = [loader.load(p, index) for p in item.parts if not isinstance(p, str)]
+        else:
+            prompt, images = prompts.wrap(fill(prompts.image, "")), [loader.load(item, index)]
+        out.append(official_embedding(model, processor, prompt, images))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize(("batch_size", "max_batch_tokens"), [(1, None), (4, None), (16, 16384), (8, 60), (16, 1)])
+def test_mixed_corpus_equals_recipe_under_any_batching(tiny_path, recipe_model, corpus, batch_size, max_batch_tokens):
+    embedder = E5VEmbedder(tiny_path, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
+    expected = recipe_vectors(embedder, *recipe_model, corpus)
+    np.testing.assert_allclose(embedder.embed(corpus), expected, atol=TOL, rtol=0)
+
+
+class Calls:
+    """Counts and records the real runner's calls (the real functions still run)."""
+
+    def __init__(self, monkeypatch):
+        self.encoded: list[str] = []
+        self.forwarded: list[int] = []
+        self.encode_threads: set[str] = set()
+        encode, forward = runner.encode, runner.forward
+
+        def counting_encode(loaded, prompt, images, **options):
+            self.encoded.append(prompt)
+            self.encode_threads.add(threading.current_thread().name)
+            return encode(loaded, prompt, images, **options)
+
+        def counting_forward(loaded, batch):
+            self.forwarded.append(len(batch))
+            return forward(loaded, batch)
+
+        monkeypatch.setattr(runner, "encode", counting_encode)
+        monkeypatch.setattr(runner, "forward", counting_forward)
+
+
+def test_identical_inputs_are_computed_once(embedder, photos, monkeypatch):
+    calls = Calls(monkeypatch)
+    items = ["a dog", photos["cat"], "a dog", photos["cat"].copy(), Composed(photos["cat"], "a dog"), "a dog"]
+    vectors = embedder.embed(items)
+    assert len(calls.encoded) == 3 and sum(calls.forwarded) == 3
+    np.testing.assert_array_equal(vectors[0], vectors[2])
+    np.testing.assert_array_equal(vectors[1], vectors[3])
+    assert not np.allclose(vectors[0], vectors[4])
+
+
+def test_preparation_runs_on_a_worker_one_window_ahead(tiny_path, monkeypatch):
+    """The first forward waits until the worker encodes an item of the second window:
+    it only gets there if preparation runs ahead of the model."""
+    embedder = E5VEmbedder(tiny_path, batch_size=1)  # windows of WINDOW_BATCHES=4 items
+    texts = [f"text number {i}" for i in range(10)]
+    second_window = threading.Event()
+    waited: list[bool] = []
+    encode, forward = runner.encode, runner.forward
+
+    def watching_encode(loaded, prompt, images, **options):
+        if "text number 4" in prompt:
+            second_window.set()
+        return encode(loaded, prompt, images, **options)
+
+    def waiting_forward(loaded, batch):
+        if not waited:
+            waited.append(second_window.wait(timeout=30))
+        return forward(loaded, batch)
+
+    monkeypatch.setattr(runner, "encode", watching_encode)
+    monkeypatch.setattr(runner, "forward", waiting_forward)
+    embedder.embed_texts(texts)
+    assert waited == [True]
+
+
+def test_encoding_happens_off_the_calling_thread(embedder, monkeypatch):
+    calls = Calls(monkeypatch)
+    embedder.embed_texts(["one", "two"])
+    assert calls.encode_threads and all(name.startswith("e5v-prepare") for name in calls.encode_threads)
+
+
+def test_tile_budget_reduces_tokens_and_keeps_unit_vectors(tiny_path, photos):
+    images = [photos["rocket"], photos["text"], photos["astronaut"]]
+    full = E5VEmbedder(tiny_path)
+    before = full.embed_images(images)
+    lengths = {}
+    for tiles in (None, 2, 0):
+        emb = E5VEmbedder(tiny_path, max_image_tiles=tiles)
+        encoded = [
+            runner.encode(emb._loaded, "<image>", [ImageLoader().load(i, 0)], max_image_tiles=tiles) for i in images
+        ]
+        lengths[tiles] = sum(e.length for e in encoded)
+        vectors = emb.embed_images(images)
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    assert lengths[0] < lengths[2] <= lengths[None]
+    assert all(e.tiles == (1,) for e in encoded)  # base view only
+    # the shared model is untouched: the full grid still gives the same vectors
+    np.testing.assert_allclose(full.embed_images(images), before, atol=TOL, rtol=0)
+    assert full.model.config.image_grid_pinpoints == [list(p) for p in runner.image_grid(full._loaded)]
+
+
+def test_budget_covering_the_grid_equals_the_full_path(tiny_path, photos):
+    images = [photos["cat"], photos["text"], photos["camera"]]
+    full = E5VEmbedder(tiny_path).embed_images(images)
+    np.testing.assert_allclose(E5VEmbedder(tiny_path, max_image_tiles=4).embed_images(images), full, atol=TOL, rtol=0)
+
+
+def test_base_only_uses_the_same_base_view(tiny_path, photos):
+    loaded = E5VEmbedder(tiny_path)._loaded
+    image = ImageLoader().load(photos["rocket"], 0)
+    full = runner.encode(loaded, "<image>", [image])
+    base = runner.encode(loaded, "<image>", [image], max_image_tiles=0)
+    torch.testing.assert_close(base.pixel_values[0], full.pixel_values[0], rtol=0, atol=0)
+
+
+def test_negative_tile_budget_is_refused(tiny_path):
+    with pytest.raises(ValueError, match="max_image_tiles"):
+        E5VEmbedder(tiny_path, max_image_tiles=-1)
+
+
+def test_quantization_without_bitsandbytes_says_how_to_fix(tiny_path):
+    try:
+        import bitsandbytes  # noqa: F401
+
+        pytest.skip("bitsandbytes is installed here")
+    except ImportError:
+        pass
+    with pytest.raises(ModelLoadError, match="pip install bitsandbytes"):
+        E5VEmbedder(tiny_path, quantization="8bit")
+
+
+def test_unknown_quantization_is_refused(tiny_path):
+    with pytest.raises(ValueError, match="'8bit' or '4bit'"):
+        E5VEmbedder(tiny_path, quantization="3bit")
+
+
+def test_full_size_spec_code_path_on_a_reduced_model(photos):
+    """e5v-8b's structure (vocab padded so <image> is 128256, one past the table) at tiny widths."""
+    from e5v.testing import build_random_model, spec_with
+
+    spec = spec_with(
+        "e5v-8b",
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=64,
+        vision_hidden_size=32,
+        vision_num_hidden_layers=2,
+        vision_num_attention_heads=2,
+        vision_intermediate_size=64,
+        image_size=28,
+    )
+    loaded = build_random_model(spec, device="cpu", dtype="bfloat16")
+    assert loaded.image_token_id == 128256 == loaded.model.get_input_embeddings().num_embeddings
+    assert loaded.model.dtype == torch.bfloat16
+    vectors = E5VEmbedder(loaded, batch_size=2).embed(["a dog", photos["cat"], Composed(photos["rocket"], "red")])
+    assert vectors.shape == (3, 32)
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)

@@ -1,0 +1,87 @@
+"""``e5v.bench`` and ``e5v bench``: the report is real, both paths agree, errors are clear."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import pytest
+
+from e5v import E5VEmbedder, runner
+from e5v.bench import format_report, make_corpus, model_flops, run_bench
+from e5v.cli import main
+from e5v.errors import E5VError
+
+
+@pytest.fixture(scope="module")
+def report(tiny_path):
+    return run_bench(tiny_path, device="cpu", texts=3, images=2, mixed=3, repeats=2, cache=True)
+
+
+def test_report_compares_both_paths(report):
+    assert set(report.corpora) == {"texts", "images", "mixed"}
+    for result in report.corpora.values():
+        assert result.max_abs_diff <= 1e-5
+        for path in (result.recipe, result.fast):
+            assert path.items_per_s > 0 and path.tflops_per_s > 0
+            assert path.fraction_of_peak is None  # no peak known for a CPU
+        assert result.speedup == pytest.approx(result.recipe.seconds / result.fast.seconds)
+    if sys.platform == "linux":
+        assert report.corpora["images"].recipe.peak_memory_mb is not None
+    assert report.cache is not None and report.cache.max_abs_diff == 0.0 and report.cache.warm_speedup > 1
+
+
+def test_report_formats_and_serialises(report):
+    text = format_report(report)
+    assert "speed-up" in text and "texts" in text and "cache (3 mixed items)" in text
+    assert json.loads(json.dumps(report.to_dict()))["corpora"]["images"]["items"] == 2
+
+
+def test_corpus_is_deterministic_unique_and_of_many_sizes():
+    first, again = make_corpus(10, 8, 6, seed=3), make_corpus(10, 8, 6, seed=3)
+    assert first["texts"] == again["texts"]
+    assert all(5 <= len(t.split()) <= 60 for t in first["texts"]) and len(set(first["texts"])) == 10
+    sizes = {image.size for image in first["images"]}
+    assert len(sizes) == 8
+    assert [np.asarray(i).tobytes() for i in first["images"]] == [np.asarray(i).tobytes() for i in again["images"]]
+
+
+def test_flops_of_a_text_follow_the_documented_formula(embedder):
+    loaded = embedder._loaded
+    encoded = runner.encode(loaded, "hello there", [])
+    text = loaded.model.config.text_config
+    n, d, i = encoded.length, text.hidden_size, text.intermediate_size
+    d_kv = d * text.num_key_value_heads // text.num_attention_heads
+    expected = text.num_hidden_layers * (2 * n * (2 * d * d + 2 * d * d_kv + 3 * d * i) + 2 * n * n * d)
+    assert model_flops(loaded, [encoded]) == expected
+
+
+def test_flops_grow_with_image_tiles(tiny_path, photos):
+    loaded = E5VEmbedder(tiny_path)._loaded
+    full = runner.encode(loaded, "<image>", [photos["rocket"].convert("RGB")])
+    base = runner.encode(loaded, "<image>", [photos["rocket"].convert("RGB")], max_image_tiles=0)
+    assert model_flops(loaded, [full]) > model_flops(loaded, [base]) > 0
+
+
+def test_full_size_random_model_is_refused_on_cpu():
+    with pytest.raises(E5VError, match="GPU"):
+        run_bench(random_init="e5v-8b", device="cpu")
+
+
+def test_cli_json(tiny_path, capsys):
+    options = ["--device", "cpu", "--texts", "2", "--images", "1", "--mixed", "0", "--repeats", "1", "--json"]
+    code = main(["bench", "--model", str(tiny_path), *options])
+    assert code == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data["corpora"]) == {"texts", "images"} and data["cache"] is None
+    assert data["corpora"]["texts"]["max_abs_diff"] <= 1e-5
+
+
+def test_cli_errors(capsys):
+    with pytest.raises(SystemExit, match="GPU"):
+        main(["bench", "--random-init", "e5v-8b", "--device", "cpu"])
+    with pytest.raises(SystemExit, match="--texts"):
+        main(["bench", "--texts", "-1"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--random-init", "huge"])

@@ -182,6 +182,11 @@ class Store:
             self.collection = self._client.get_collection(self.name, embedding_function=function)
         return function.embedder
 
+    def _connected(self) -> Collection:
+        if self.collection is None:
+            raise E5VError("the store has no collection yet: call connect() first")
+        return self.collection
+
     def hashes(self) -> dict[str, str]:
         """``path -> sha256`` of what is stored; ``""`` for a path stored with mixed hashes."""
         found: dict[str, str] = {}
@@ -203,19 +208,19 @@ class Store:
 
     def write(self, files: Sequence[FileRecords], vectors: np.ndarray) -> None:
         """Store the files' records (vectors in record order), then drop their older records."""
-        assert self.collection is not None, "connect() first"
+        collection = self._connected()
         records = [record for file in files for record in file.records]
         step = self._client.get_max_batch_size()
         for start in range(0, len(records), step):
             part = records[start : start + step]
-            self.collection.upsert(
+            collection.upsert(
                 ids=[record.id for record in part],
                 embeddings=vectors[start : start + step],
                 metadatas=[record.metadata for record in part],
                 documents=[record.document for record in part],  # type: ignore[misc]
             )
         for file in files:
-            self.collection.delete(where={"$and": [{"path": file.path}, {"sha256": {"$ne": file.sha256}}]})
+            collection.delete(where={"$and": [{"path": file.path}, {"sha256": {"$ne": file.sha256}}]})
 
     def remove(self, paths: Iterable[str]) -> None:
         """Delete every record of ``paths``."""
@@ -227,17 +232,17 @@ class Store:
 
     def query(self, vector: np.ndarray, k: int = 10, kind: str | None = None) -> list[Hit]:
         """The ``k`` records nearest to ``vector`` (of ``kind`` if given), best first."""
-        assert self.collection is not None, "connect() first"
-        count = self.collection.count()
+        collection = self._connected()
+        count = collection.count()
         if count == 0 or k < 1:
             return []
-        found = self.collection.query(
+        found = collection.query(
             query_embeddings=vector.reshape(1, -1),
             n_results=min(k, count),
             where={"kind": kind} if kind else None,
             include=["metadatas", "documents", "distances"],
         )
-        space = (self.collection.configuration_json.get("hnsw") or {}).get("space", "cosine")
+        space = (collection.configuration_json.get("hnsw") or {}).get("space", "cosine")
         hits = []
         rows = zip(found["ids"][0], found["distances"][0], found["metadatas"][0], found["documents"][0])
         for rank, (id_, distance, metadata, document) in enumerate(rows, 1):

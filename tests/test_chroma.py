@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 chromadb = pytest.importorskip("chromadb")
@@ -368,3 +369,18 @@ def test_example_runs_on_a_tiny_checkpoint(tiny_path: Path, tmp_path: Path) -> N
     first_after_image = lines[lines.index("query image: chelsea.png") + 1]
     assert "image chelsea.png" in first_after_image  # an image finds itself first
     assert out.count("  1. ") >= 3
+
+
+def test_model_loads_only_when_the_function_embeds(tiny_path: Path) -> None:
+    # Chroma rebuilds the function from its config on every add, also when embeddings= are given:
+    # building it, reading its config and comparing it must not load a model.
+    from e5v import loading
+
+    before = dict(loading._CACHE)
+    function = E5VEmbeddingFunction(tiny_path, dtype="bfloat16", batch_size=3)
+    rebuilt = E5VEmbeddingFunction.build_from_config(function.get_config())
+    assert rebuilt.get_config() == function.get_config()
+    assert function._embedder is None and rebuilt._embedder is None
+    assert before == loading._CACHE
+    assert rebuilt(["a cat"])[0].shape == (rebuilt.embedder.dimension,)
+    assert rebuilt.embedder.dtype == torch.bfloat16

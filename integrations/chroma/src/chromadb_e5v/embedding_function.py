@@ -61,16 +61,31 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
         self.batch_size = batch_size
+        self._embedder: E5VEmbedder | None = embedder
         if embedder is not None:
             _check_embedder_options(embedder, model_name, device, dtype, revision, prompts)
-            self.embedder = embedder
             self._dtype: str | None = _dtype_name(embedder.dtype)
+            self._model_name = _model_name(embedder.model_name)
+            self._revision = embedder.revision
+            self._prompts = embedder.prompts
+            self._device: str | torch.device | None = embedder.device
             _share(embedder)
         else:
             self._dtype = None if dtype is None else _dtype_name(dtype)
-            self.embedder = _shared_embedder(
-                _model_name(model_name), revision, self._dtype, get_prompts(prompts), device
+            self._model_name = _model_name(model_name)
+            self._revision = revision
+            self._prompts = get_prompts(prompts)
+            self._device = device
+
+    @property
+    def embedder(self) -> E5VEmbedder:
+        """The shared :class:`e5v.E5VEmbedder`, loaded on first use: Chroma rebuilds the
+        function on every add, also when the caller passes ``embeddings=``."""
+        if self._embedder is None:
+            self._embedder = _shared_embedder(
+                self._model_name, self._revision, self._dtype, self._prompts, self._device
             )
+        return self._embedder
 
     # -- embedding --------------------------------------------------------------------
 
@@ -114,11 +129,11 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
 
     def get_config(self) -> dict[str, Any]:
         return {
-            "model_name": _model_name(self.embedder.model_name),
-            "revision": self.embedder.revision,
+            "model_name": self._model_name,
+            "revision": self._revision,
             "dtype": self._dtype,
             "batch_size": self.batch_size,
-            "prompts": _prompts_config(self.embedder.prompts),
+            "prompts": _prompts_config(self._prompts),
         }
 
     @staticmethod
@@ -170,7 +185,7 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
                 )
 
     def __repr__(self) -> str:
-        return f"E5VEmbeddingFunction({self.embedder!r}, batch_size={self.batch_size})"
+        return f"E5VEmbeddingFunction({self._model_name!r}, dtype={self._dtype!r}, batch_size={self.batch_size})"
 
 
 def clear_cache() -> None:

@@ -24,6 +24,8 @@ pq = pytest.importorskip("pyarrow.parquet")
 
 from e5v.ray import _EmbedBatch, embed_dataset  # noqa: E402
 
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
+
 TOLERANCE = 1e-5
 #: Seconds any one Ray job of this module may take before the test fails instead of hanging.
 JOB_LIMIT = 180

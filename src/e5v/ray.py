@@ -72,7 +72,8 @@ def embed_dataset(
     id column, or set ``ray.data.DataContext.get_current().execution_options.preserve_order``.
 
     ``device=None`` is ``"cuda"`` when ``num_gpus_per_worker > 0``, else ``"cpu"``;
-    ``dtype=None`` is bfloat16 on GPU, float32 on CPU. ``embedder_options`` go to
+    ``dtype=None`` is bfloat16 on GPU, float32 on CPU. ``batch_size`` is both the rows
+    per Ray batch and the most items per forward pass. ``embedder_options`` go to
     :class:`~e5v.E5VEmbedder` (``prompts``, ``adapter``, ``max_image_pixels`` ...).
 
     A row that cannot be embedded (:class:`~e5v.InvalidInputError`: a missing file, a
@@ -155,6 +156,8 @@ class _EmbedBatch:
         for name in added:
             if name in table.column_names:
                 raise ValueError(f"the dataset already has a column {name!r}; choose another name for it")
+        if self.id_column is not None:
+            _require(table, self.id_column)
         texts = self._column(table, self.text_column, _text_cells)
         images = self._column(table, self.image_column, _image_cells)
         vectors = np.zeros((table.num_rows, self.embedder.dimension), dtype=np.float32)
@@ -196,16 +199,20 @@ class _EmbedBatch:
     def _column(self, table: pa.Table, name: str | None, cells: Any) -> list[Any] | None:
         if name is None:
             return None
-        if name not in table.column_names:
-            raise ValueError(f"the dataset has no column {name!r}; its columns are {table.column_names}")
-        return cells(table.column(name))
+        return cells(_require(table, name))
 
     def _label(self, table: pa.Table, row: int, texts: list[Any] | None, images: list[Any] | None) -> str:
         """How an error message names a row: its id, else its input cells."""
-        if self.id_column is not None and self.id_column in table.column_names:
+        if self.id_column is not None:
             return f"{self.id_column}={table.column(self.id_column)[row].as_py()!r}"
         cells = [(self.text_column, texts), (self.image_column, images)]
         return ", ".join(f"{name}={describe(values[row])}" for name, values in cells if values is not None)
+
+
+def _require(table: pa.Table, name: str) -> pa.ChunkedArray:
+    if name not in table.column_names:
+        raise ValueError(f"the dataset has no column {name!r}; its columns are {table.column_names}")
+    return table.column(name)
 
 
 def _text_cells(column: pa.ChunkedArray) -> list[Any]:

@@ -188,3 +188,12 @@ def test_identical_content_has_equal_keys(cat, tmp_path):
     assert to_request(cat, 0).key() == to_request(cat.copy(), 1).key()
     assert to_request(cat, 0).key() != to_request(cat.rotate(90), 1).key()
     assert to_request("a", 0).key() != to_request(Interleaved(["a"]), 0).key()
+    rotated = Image.open(io.BytesIO(encode(cat, "JPEG", exif=_orientation(6))))
+    upright = Image.open(io.BytesIO(encode(cat, "JPEG")))
+    assert to_request(rotated, 0).key() != to_request(upright, 1).key()  # same pixels, shown rotated
+
+
+def _orientation(value: int) -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x0112] = value
+    return exif

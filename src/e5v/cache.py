@@ -25,7 +25,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+
+from e5v.inputs import update_digest
 
 __all__ = ["EmbeddingCache", "entry_key", "image_digest", "path_fingerprint"]
 
@@ -136,16 +137,7 @@ def image_digest(obj: object) -> bytes | None:
                     digest.update(block)
         except (OSError, ValueError):
             return None
-    elif isinstance(obj, (bytes, bytearray, memoryview)):
-        digest.update(bytes(obj))
-    elif isinstance(obj, np.ndarray):
-        digest.update(f"array{obj.shape}{obj.dtype}".encode())
-        digest.update(np.ascontiguousarray(obj).tobytes())
-    elif isinstance(obj, Image.Image):
-        orientation = obj.getexif().get(0x0112, 1)  # applied by the loader
-        digest.update(f"pil{obj.mode}{obj.size}{orientation}".encode())
-        digest.update(obj.tobytes())
-    else:
+    elif not update_digest(digest, obj):
         return None
     return digest.digest()
 

@@ -325,17 +325,26 @@ def content_key(obj: object) -> Any:
         except (OSError, ValueError):  # missing, or not a valid path at all: the loader says which
             return ("path", str(path))
     digest = hashlib.blake2b(digest_size=16)
+    if not update_digest(digest, obj):
+        return ("object", id(obj))
+    return ("digest", digest.digest())
+
+
+def update_digest(digest: Any, obj: object) -> bool:
+    """Feed an in-memory image-like's content (what decides its pixels) into a hashlib
+    ``digest``; ``False`` when ``obj`` is not bytes, an array or a PIL image."""
     if isinstance(obj, (bytes, bytearray, memoryview)):
         digest.update(bytes(obj))
     elif isinstance(obj, np.ndarray):
-        digest.update(f"{obj.shape}{obj.dtype}".encode())
+        digest.update(f"array{obj.shape}{obj.dtype}".encode())
         digest.update(np.ascontiguousarray(obj).tobytes())
     elif isinstance(obj, Image.Image):
-        digest.update(f"{obj.mode}{obj.size}".encode())
+        orientation = obj.getexif().get(0x0112, 1)  # applied by the loader
+        digest.update(f"pil{obj.mode}{obj.size}{orientation}".encode())
         digest.update(obj.tobytes())
     else:
-        return ("object", id(obj))
-    return ("digest", digest.digest())
+        return False
+    return True
 
 
 def _image_part(obj: object, index: int) -> object:

@@ -111,3 +111,27 @@ def test_images_and_texts_through_a_server_and_a_fresh_client(
     coffee = reopened.get(ids=["coffee"], include=["embeddings"])["embeddings"]
     np.testing.assert_allclose(np.asarray(coffee), embedder.embed_images([photo_dir / "coffee.png"]), atol=1e-6, rtol=0)
     assert reopened.count() == 5
+
+
+def test_cli_indexes_and_searches_on_the_server(
+    server: int, tiny_path: Path, photo_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from e5v.cli import main
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for name in ("cat", "rocket", "coffee"):
+        shutil.copy(photo_dir / f"{name}.png", corpus / f"{name}.png")
+    (corpus / "note.md").write_text("A cat sleeps on a warm sofa.\n")
+    url = f"http://{HOST}:{server}"
+    common = ["--chroma-url", url, "--collection", "cli-media"]
+    assert main(["index", str(corpus), "--model", str(tiny_path), "--quiet", *common]) == 0
+    capsys.readouterr()
+    assert main(["search", "--image", str(corpus / "rocket.png"), "--json", "-k", "4", *common]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert hits[0]["path"].endswith("rocket.png") and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+    assert {hit["kind"] for hit in hits} == {"image", "text"}
+    stored = connect(server).get_collection("cli-media").count()
+    assert stored == 4

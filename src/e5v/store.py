@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -92,6 +93,20 @@ def _chromadb() -> Any:
     return chromadb
 
 
+def _http_client(chromadb: Any, url: str) -> Any:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise StoreError(f"--chroma-url must look like http://host:port, got {url!r}")
+    try:
+        return chromadb.HttpClient(
+            host=parts.hostname,
+            port=parts.port or (443 if parts.scheme == "https" else 80),
+            ssl=parts.scheme == "https",
+        )
+    except Exception as exc:  # chromadb raises plain exceptions when the server is unreachable
+        raise StoreError(f"cannot reach the Chroma server at {url!r}: {exc}") from None
+
+
 def model_key(name: str | Path) -> str:
     """How a model is named in a collection: local folders by absolute path."""
     path = Path(name).expanduser()
@@ -99,18 +114,23 @@ def model_key(name: str | Path) -> str:
 
 
 class Store:
-    """An e5v collection in a Chroma database folder (``PersistentClient``).
+    """An e5v collection in a Chroma database folder (``PersistentClient``), or on a
+    Chroma server when ``url`` (``http://host:port``) is given (``HttpClient``).
 
     ``create=False`` refuses a database folder or collection that does not exist.
     The model is loaded only by :meth:`connect`.
     """
 
-    def __init__(self, db: str | Path, name: str = "e5v", *, create: bool = False) -> None:
+    def __init__(self, db: str | Path, name: str = "e5v", *, create: bool = False, url: str | None = None) -> None:
         chromadb = _chromadb()
         self.db, self.name = Path(db).expanduser(), name
-        if not create and not self.db.is_dir():
+        if url is not None:
+            self._client = _http_client(chromadb, url)
+            db = url
+        elif not create and not self.db.is_dir():
             raise StoreError(f"no database at {str(self.db)!r}; index files first with `e5v index PATH --db {db}`")
-        self._client = chromadb.PersistentClient(path=str(self.db))
+        else:
+            self._client = chromadb.PersistentClient(path=str(self.db))
         self.collection: Collection | None = None
         self.config: dict[str, Any] | None = None
         try:

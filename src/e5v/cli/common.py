@@ -40,4 +40,7 @@ def add_collection_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("collection")
     group.add_argument("--db", default="./e5v_db", help="Chroma database folder (default: ./e5v_db)")
     group.add_argument("--collection", default="e5v", help="collection name (default: e5v)")
+    group.add_argument(
+        "--chroma-url", default=None, help="use a Chroma server (http://host:port) instead of the --db folder"
+    )
     group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")

@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         tqdm.write(f"failed: {skipped.path}: {skipped.reason}", file=sys.stderr)  # above the progress bars
 
     try:
-        store = Store(args.db, args.collection, create=True)
+        store = Store(args.db, args.collection, create=True, url=args.chroma_url)
         store.model(args.model, args.revision)  # refuse another model before reading any file
     except StoreError as exc:
         sys.stderr.write(f"e5v index: error: {exc}\n")

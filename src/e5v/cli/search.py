@@ -59,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write("e5v search: error: give a query TEXT, an --image, or both\n")
         return 2
     try:
-        store = Store(args.db, args.collection)
+        store = Store(args.db, args.collection, url=args.chroma_url)
         embedder = store.connect(
             args.model, revision=args.revision, device=args.device, dtype=args.dtype, batch_size=args.batch_size
         )

@@ -96,35 +96,73 @@ def test_identical_inputs_are_computed_once(embedder, photos, monkeypatch):
     assert not np.allclose(vectors[0], vectors[4])
 
 
-def test_preparation_runs_on_a_worker_one_window_ahead(tiny_path, monkeypatch):
-    """The first forward waits until the worker encodes an item of the second window:
-    it only gets there if preparation runs ahead of the model."""
-    embedder = E5VEmbedder(tiny_path, batch_size=1)  # windows of WINDOW_BATCHES=4 items
-    texts = [f"text number {i}" for i in range(10)]
-    second_window = threading.Event()
+def test_preparation_runs_on_a_worker_exactly_one_batch_ahead(tiny_path, monkeypatch):
+    """The first forward waits until the worker encodes the second batch: it only gets
+    there if preparation runs ahead of the model; and no forward ever finds more than
+    the next batch encoded, so prepared pixels are held for two batches at most."""
+    embedder = E5VEmbedder(tiny_path, batch_size=1, prepare_ahead=True)
+    texts = [f"text number {i}" for i in range(6)]  # equal lengths: batches in input order
+    second_batch = threading.Event()
+    encoded: list[str] = []
+    encoded_at_forward: list[int] = []
     waited: list[bool] = []
     encode, forward = runner.encode, runner.forward
 
     def watching_encode(loaded, prompt, images, **options):
-        if "text number 4" in prompt:
-            second_window.set()
-        return encode(loaded, prompt, images, **options)
+        if "text number 1" in prompt:
+            second_batch.set()
+        result = encode(loaded, prompt, images, **options)
+        encoded.append(prompt)
+        return result
 
     def waiting_forward(loaded, batch):
         if not waited:
-            waited.append(second_window.wait(timeout=30))
+            waited.append(second_batch.wait(timeout=30))
+        encoded_at_forward.append(len(encoded))
         return forward(loaded, batch)
 
     monkeypatch.setattr(runner, "encode", watching_encode)
     monkeypatch.setattr(runner, "forward", waiting_forward)
     embedder.embed_texts(texts)
     assert waited == [True]
+    assert len(encoded_at_forward) == 6
+    assert all(n <= k + 2 for k, n in enumerate(encoded_at_forward)), encoded_at_forward
 
 
-def test_encoding_happens_off_the_calling_thread(embedder, monkeypatch):
+def test_batches_are_planned_over_the_whole_call_longest_first(tiny_path, monkeypatch):
     calls = Calls(monkeypatch)
-    embedder.embed_texts(["one", "two"])
+    widths: list[int] = []
+    forward = runner.forward
+
+    def recording_forward(loaded, batch):
+        widths.append(max(item.length for item in batch))
+        return forward(loaded, batch)
+
+    monkeypatch.setattr(runner, "forward", recording_forward)
+    texts = ["word " * n for n in (3, 40, 1, 25, 7, 60, 12, 2, 33)]
+    E5VEmbedder(tiny_path, batch_size=2).embed_texts(texts)
+    assert len(calls.encoded) == 9 and len(widths) == 5
+    assert widths == sorted(widths, reverse=True)
+
+
+def test_token_budget_defaults_by_device(tiny_path):
+    assert E5VEmbedder(tiny_path).max_batch_tokens == 1024  # a CPU here
+    assert E5VEmbedder(tiny_path, max_batch_tokens=None).max_batch_tokens is None
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        E5VEmbedder(tiny_path, max_batch_tokens=0)
+
+
+def test_encoding_happens_off_the_calling_thread_when_preparing_ahead(tiny_path, monkeypatch):
+    calls = Calls(monkeypatch)
+    E5VEmbedder(tiny_path, prepare_ahead=True).embed_texts(["one", "two"])
     assert calls.encode_threads and all(name.startswith("e5v-prepare") for name in calls.encode_threads)
+
+
+def test_on_a_cpu_encoding_runs_in_turn_on_the_calling_thread(embedder, monkeypatch):
+    calls = Calls(monkeypatch)
+    assert not embedder.prepare_ahead
+    embedder.embed_texts(["one", "two"])
+    assert calls.encode_threads == {threading.current_thread().name}
 
 
 def test_tile_budget_reduces_tokens_and_keeps_unit_vectors(tiny_path, photos):

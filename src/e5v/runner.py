@@ -24,7 +24,7 @@ from PIL import Image
 from e5v.loading import LoadedModel
 from e5v.prompts import IMAGE_TOKEN
 
-__all__ = ["Encoded", "Grid", "encode", "forward", "image_grid", "image_token_count"]
+__all__ = ["Encoded", "Grid", "encode", "forward", "image_grid", "image_token_count", "max_image_token_count"]
 
 #: Anyres pinpoints as ``((height, width), ...)``; ``()`` means the base view only.
 Grid = tuple[tuple[int, int], ...]
@@ -71,6 +71,12 @@ def image_token_count(loaded: LoadedModel, height: int, width: int, grid: Grid) 
     rows, cols = get_anyres_image_grid_shape([height, width], [list(p) for p in grid], size)
     unpadded = unpad_image(torch.empty(0, rows * side, cols * side), torch.tensor([height, width]))
     return per_tile + unpadded.shape[1] * (unpadded.shape[2] + 1)
+
+
+def max_image_token_count(loaded: LoadedModel, grid: Grid) -> int:
+    """The most ``<image>`` tokens any image can take on ``grid`` (an image shaped like
+    one of its pinpoints loses nothing to unpadding)."""
+    return max([image_token_count(loaded, h, w, grid) for h, w in grid] or [image_token_count(loaded, 1, 1, grid)])
 
 
 def encode(
@@ -130,24 +136,32 @@ def forward(loaded: LoadedModel, batch: Sequence[Encoded]) -> torch.Tensor:
     input_ids = input_ids.to(device)
     attention_mask = attention_mask.to(device)
 
-    image_mask = (input_ids == loaded.image_token_id) & attention_mask.bool()
-    # Look up ids with image slots masked: the published checkpoint has no row for <image>.
-    embeds = model.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
-    with_images = [item for item in batch if item.pixel_values is not None]
-    if with_images:
-        features = _image_features(loaded, with_images).to(embeds.dtype)
-        if features.shape[0] != int(image_mask.sum()):
-            raise RuntimeError(
-                f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features: "
-                "the processor and the model disagree on the anyres layout"
-            )
-        embeds = embeds.masked_scatter(image_mask.unsqueeze(-1), features)
-
+    embeds = _input_embeds(loaded, batch, input_ids, attention_mask)
     hidden = model.model.language_model(
         inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, return_dict=True
     ).last_hidden_state
     last = hidden[torch.arange(len(batch), device=hidden.device), (lengths - 1).to(hidden.device)]
     return torch.nn.functional.normalize(last.float(), dim=-1)
+
+
+def _input_embeds(
+    loaded: LoadedModel, batch: Sequence[Encoded], input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Token embeddings with the image features scattered into the ``<image>`` slots
+    (a function of its own so that the features are freed before the decoder runs)."""
+    image_mask = (input_ids == loaded.image_token_id) & attention_mask.bool()
+    # Look up ids with image slots masked: the published checkpoint has no row for <image>.
+    embeds = loaded.model.get_input_embeddings()(input_ids.masked_fill(image_mask, 0))
+    with_images = [item for item in batch if item.pixel_values is not None]
+    if not with_images:
+        return embeds
+    features = _image_features(loaded, with_images).to(embeds.dtype)
+    if features.shape[0] != int(image_mask.sum()):
+        raise RuntimeError(
+            f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features: "
+            "the processor and the model disagree on the anyres layout"
+        )
+    return embeds.masked_scatter(image_mask.unsqueeze(-1), features)
 
 
 def _image_features(loaded: LoadedModel, items: Sequence[Encoded]) -> torch.Tensor:

@@ -17,7 +17,14 @@ Presets:
   traps under current transformers: the ``<image>`` id equals the language model's
   ``vocab_size`` (one past the embedding table) and the saved processor has no
   ``patch_size``.
-- ``"small"``: larger, with E5-V's proportions (see :data:`PRESETS`), for CPU benchmarks.
+- ``"small"``: E5-V's proportions at a CPU size, for benchmarks. Decoder: 32 layers
+  (as E5-V), hidden 128 (1/32), 4 query heads of 32 sharing 1 KV head (E5-V: 4 per KV
+  head), MLP 448 (3.5x hidden, as E5-V), vocabulary 4008 (the BPE vocabulary padded
+  with filler tokens; 31.3x hidden, as E5-V's 128256 / 4096), so the official recipe's
+  per-token waste (LM-head logits and 33 kept hidden states) weighs what it does in
+  E5-V. Vision: 24 layers (as CLIP-L/14), hidden 64, MLP 256 (4x, as CLIP-L); 112-px
+  tiles of 14-px patches on E5-V's anyres grid (up to 2x2 tiles + base), so 64 image
+  tokens a tile instead of 576: images weigh 9x less against text than in E5-V.
 - ``"e5v-8b"``: E5-V's full size (Llama-3-8B + CLIP ViT-L/14-336, ``<image>`` at 128256
   as published), for GPU benchmarks: build it in memory on the GPU with
   :func:`build_random_model`, not on disk.
@@ -73,21 +80,19 @@ PRESETS: dict[str, CheckpointSpec] = {
     "tiny": CheckpointSpec(),
     "tiny-left": CheckpointSpec(padding_side="left"),
     "tiny-published": CheckpointSpec(padding_side="left", published_traps=True),
-    # E5-V's proportions at 1/16 of the width: 4096 -> 256 hidden, 32 -> 4 layers,
-    # 32 heads / 8 KV heads -> 8 / 2, MLP ratio 3.5, CLIP-L ratio 4, 336 px / 14 px
-    # patches -> 112 px / 14 px (64 tokens a tile), the same anyres grid.
+    # E5-V's proportions at 1/32 of the width (see the module docstring).
     "small": CheckpointSpec(
-        hidden_size=256,
-        num_hidden_layers=4,
-        num_attention_heads=8,
-        num_key_value_heads=2,
-        intermediate_size=896,
-        vision_hidden_size=128,
-        vision_num_hidden_layers=4,
-        vision_num_attention_heads=4,
-        vision_intermediate_size=512,
+        hidden_size=128,
+        num_hidden_layers=32,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        intermediate_size=448,
+        vision_hidden_size=64,
+        vision_num_hidden_layers=24,
+        vision_num_attention_heads=2,
+        vision_intermediate_size=256,
         image_size=112,
-        tokenizer_vocab_size=4000,
+        image_token_id=4007,
     ),
     # E5-V itself: Llama-3-8B (4096 hidden, 32 layers, 32 heads / 8 KV heads, MLP 14336,
     # vocab 128256 with <image> at 128256, one past the table) and CLIP ViT-L/14-336

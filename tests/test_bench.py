@@ -35,6 +35,8 @@ def test_report_compares_both_paths(report):
 def test_report_formats_and_serialises(report):
     text = format_report(report)
     assert "speed-up" in text and "texts" in text and "cache (3 mixed items)" in text
+    assert report.max_batch_tokens == 1024 and not report.prepare_ahead  # the embedder's CPU defaults
+    assert "1024 tokens a batch, prepared in turn" in text
     assert json.loads(json.dumps(report.to_dict()))["corpora"]["images"]["items"] == 2
 
 
@@ -85,3 +87,17 @@ def test_cli_errors(capsys):
         main(["bench", "--texts", "-1"])
     with pytest.raises(SystemExit):
         main(["bench", "--random-init", "huge"])
+
+
+def test_small_preset_keeps_e5v_proportions():
+    from e5v.testing import PRESETS, build_random_model
+
+    small, full = PRESETS["small"], PRESETS["e5v-8b"]
+    text = build_random_model("small").model.config.text_config
+    assert text.vocab_size / text.hidden_size == pytest.approx(128256 / full.hidden_size, rel=0.01)
+    for spec in (small, full):
+        assert spec.num_hidden_layers == 32 and spec.vision_num_hidden_layers == 24
+        assert spec.intermediate_size / spec.hidden_size == 3.5
+        assert spec.vision_intermediate_size / spec.vision_hidden_size == 4
+        assert spec.num_attention_heads // spec.num_key_value_heads == 4
+    assert small.grid_pinpoints == [[p // 3 for p in pair] for pair in full.grid_pinpoints]

@@ -12,7 +12,7 @@ from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from e5v import Composed, E5VEmbedder, Interleaved, runner
 from e5v.errors import ModelLoadError
-from e5v.inputs import IMAGE_TOKEN, ImageLoader
+from e5v.inputs import IMAGE_TOKEN, ImageLoader, image_request, text_request
 from e5v.prompts import fill
 from e5v.reference import official_embedding
 
@@ -143,6 +143,19 @@ def test_batches_are_planned_over_the_whole_call_longest_first(tiny_path, monkey
     E5VEmbedder(tiny_path, batch_size=2).embed_texts(texts)
     assert len(calls.encoded) == 9 and len(widths) == 5
     assert widths == sorted(widths, reverse=True)
+
+
+def test_token_bounds_are_exact_for_texts_and_bound_images(embedder, photos):
+    loader, prompts = ImageLoader(), embedder.prompts
+    bodies = {"text": prompts.text, "image": prompts.image}
+    for words in ("a dog on the beach", "x", "word " * 40):
+        exact = runner.encode(embedder._loaded, prompts.wrap(fill(prompts.text, words)), []).length
+        assert embedder._token_bounds([text_request(words, 0)], bodies) == [exact]
+    bounds = embedder._token_bounds([image_request(p, 0) for p in photos.values()], bodies)
+    for bound, photo in zip(bounds, photos.values()):
+        encoded = runner.encode(embedder._loaded, prompts.wrap(fill(prompts.image, "")), [loader.load(photo, 0)])
+        assert encoded.length <= bound
+    assert len(set(bounds)) == 1  # one bound for every image, whatever its size
 
 
 def test_token_budget_defaults_by_device(tiny_path):

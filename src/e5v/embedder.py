@@ -270,7 +270,7 @@ class E5VEmbedder:
                 unique = self._from_cache(cache, unique, bodies, out, rows_of, cache_keys, progress)
             if unique:
                 planned = plan_batches(
-                    [self._token_bound(request, bodies) for request in unique],
+                    self._token_bounds(unique, bodies),
                     max_items=size,
                     max_tokens=self.max_batch_tokens,
                 )
@@ -320,15 +320,17 @@ class E5VEmbedder:
         logger.debug("embedding cache: %d of %d unique items found", len(unique) - len(missing), len(unique))
         return missing
 
-    def _token_bound(self, request: Request, bodies: dict[str, str]) -> int:
-        """Tokens of the request's prompt, counting each image at its grid's largest
-        feature count: exact for text, an upper bound for images, known before decoding."""
-        prompt = self.prompts.wrap(fill(bodies[request.kind], request.text if request.kind != "image" else ""))
-        length = len(self._loaded.processor.tokenizer(prompt)["input_ids"])
-        if not request.images:
-            return length
+    def _token_bounds(self, requests: Sequence[Request], bodies: dict[str, str]) -> list[int]:
+        """Each request's prompt tokens, counting an image at its grid's largest feature
+        count, known before decoding any image: exact for a text within
+        ``max_text_tokens``, an upper bound otherwise."""
+        tokenizer = self._loaded.processor.tokenizer
         per_image = runner.max_image_token_count(self._loaded, runner.image_grid(self._loaded, self.max_image_tiles))
-        return length + len(request.images) * (per_image - 1)
+        bounds = []
+        for request in requests:
+            prompt = self.prompts.wrap(fill(bodies[request.kind], request.text if request.kind != "image" else ""))
+            bounds.append(len(tokenizer(prompt)["input_ids"]) + len(request.images) * (per_image - 1))
+        return bounds
 
     def _prepared_batches(self, batches: list[list[Request]], bodies: dict[str, str]) -> Iterator[_Prepared]:
         """Prepare batches in turn, or with ``prepare_ahead`` on a worker thread, one batch

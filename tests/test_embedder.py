@@ -104,6 +104,12 @@ def test_similarity_and_contrastive_ranking(embedder, photos):
     np.testing.assert_allclose(sims, vectors[:2] @ vectors[2:].T, atol=1e-6)
 
 
+def test_the_command_line_parser_loads_no_model_code():
+    code = "import sys\nfrom e5v.cli import build_parser\nbuild_parser()\nprint('torch' in sys.modules)\n"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.stdout.strip() == "False", result.stdout + result.stderr
+
+
 def test_importing_e5v_imports_no_ecosystem():
     code = (
         "import sys, e5v, e5v.cli\n"

@@ -313,6 +313,7 @@ def _two_process_loss(rank: int, port: int, out: str) -> None:
     for grad in grads:
         dist.all_reduce(grad)
     torch.save({"loss": loss.detach(), "grads": grads}, f"{out}/rank{rank}.pt")
+    dist.barrier()  # neither rank tears gloo down while the other still talks to it
     dist.destroy_process_group()
 
 

@@ -16,6 +16,7 @@ from PIL import Image
 from e5v import loading, runner
 from e5v.batching import plan_batches
 from e5v.cache import EmbeddingCache, entry_key, image_digest, path_fingerprint
+from e5v.defaults import DEFAULT_MODEL
 from e5v.errors import EmbeddingError, InvalidInputError, ModelLoadError
 from e5v.inputs import (
     DEFAULT_MAX_IMAGE_PIXELS,
@@ -36,7 +37,6 @@ __all__ = ["DEFAULT_MODEL", "E5VEmbedder"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_MODEL = "royokong/e5-v"
 #: Default padded tokens a batch by device type (``max_batch_tokens="auto"``). A CPU is
 #: compute-bound at small batches, and larger ones only cost memory (on the "small"
 #: benchmark model, 1024-token batches ran 1.5x faster per item than 4096-token ones).

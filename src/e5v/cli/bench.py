@@ -7,7 +7,7 @@ import json
 import sys
 from typing import Any
 
-from e5v.embedder import DEFAULT_MODEL
+from e5v.defaults import DEFAULT_MODEL
 
 __all__ = ["register"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import TYPE_CHECKING
 
-from e5v.embedder import DEFAULT_MODEL
+from e5v.defaults import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from e5v.embedder import E5VEmbedder

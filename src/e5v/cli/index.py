@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from e5v.cli.common import add_collection_options, add_model_options
-from e5v.embedder import DEFAULT_MODEL
+from e5v.defaults import DEFAULT_MODEL
 
 __all__ = ["register"]
 

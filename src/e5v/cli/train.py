@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from e5v.embedder import DEFAULT_MODEL
+from e5v.defaults import DEFAULT_MODEL
 
 __all__ = ["register"]
 

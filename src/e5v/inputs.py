@@ -14,6 +14,7 @@ import os
 import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -309,7 +310,11 @@ class Request:
     images: tuple[Any, ...]
 
     def key(self) -> tuple[Any, ...]:
-        """Identity of the content: equal keys embed to equal vectors."""
+        """Identity of the content: equal keys embed to equal vectors (computed once)."""
+        return self._key
+
+    @cached_property
+    def _key(self) -> tuple[Any, ...]:
         return (self.kind, self.text, *(content_key(image) for image in self.images))
 
 

@@ -274,17 +274,15 @@ class E5VEmbedder:
                     max_items=size,
                     max_tokens=self.max_batch_tokens,
                 )
+                # Exact lengths never exceed the bounds, so each planned batch fits its budget as it is.
                 for prepared in self._prepared_batches([[unique[i] for i in batch] for batch in planned], bodies):
-                    costs = [item.length for item in prepared.encoded]
-                    for batch in plan_batches(costs, max_items=size, max_tokens=self.max_batch_tokens):
-                        vectors = self._forward([prepared.encoded[i] for i in batch])
-                        for position, vector in zip(batch, vectors):
-                            key = prepared.keys[position]
-                            rows = rows_of[key]
-                            out[rows] = vector
-                            if cache is not None and key in cache_keys:
-                                cache.put(cache_keys[key], vector)
-                            progress(len(rows))
+                    vectors = self._forward(prepared.encoded)
+                    for key, vector in zip(prepared.keys, vectors):
+                        rows = rows_of[key]
+                        out[rows] = vector
+                        if cache is not None and key in cache_keys:
+                            cache.put(cache_keys[key], vector)
+                        progress(len(rows))
         finally:
             progress(None)
         return out

@@ -93,7 +93,12 @@ def test_small_preset_keeps_e5v_proportions():
     from e5v.testing import PRESETS, build_random_model
 
     small, full = PRESETS["small"], PRESETS["e5v-8b"]
-    text = build_random_model("small").model.config.text_config
+    loaded = build_random_model("small")
+    text = loaded.model.config.text_config
+    # Texts take about a token a word, as in Llama-3's tokenizer (not 3-4 byte pieces).
+    texts = make_corpus(40, 0, 0)["texts"]
+    tokens = sum(len(loaded.processor.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    assert tokens / sum(len(t.split()) for t in texts) < 1.3
     assert text.vocab_size / text.hidden_size == pytest.approx(128256 / full.hidden_size, rel=0.01)
     for spec in (small, full):
         assert spec.num_hidden_layers == 32 and spec.vision_num_hidden_layers == 24

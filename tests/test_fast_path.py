@@ -3,16 +3,19 @@ the image tile budget, quantisation errors, and the full-size random model's cod
 
 from __future__ import annotations
 
+import base64
+import io
 import threading
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from e5v import Composed, E5VEmbedder, Interleaved, runner
 from e5v.errors import ModelLoadError
-from e5v.inputs import IMAGE_TOKEN, ImageLoader, image_request, text_request
+from e5v.inputs import IMAGE_TOKEN, ImageLoader, composed_request, image_request, text_request
 from e5v.prompts import fill
 from e5v.reference import official_embedding
 
@@ -145,17 +148,63 @@ def test_batches_are_planned_over_the_whole_call_longest_first(tiny_path, monkey
     assert widths == sorted(widths, reverse=True)
 
 
-def test_token_bounds_are_exact_for_texts_and_bound_images(embedder, photos):
-    loader, prompts = ImageLoader(), embedder.prompts
-    bodies = {"text": prompts.text, "image": prompts.image}
+def test_token_bounds_are_exact_for_texts(embedder):
+    prompts = embedder.prompts
     for words in ("a dog on the beach", "x", "word " * 40):
         exact = runner.encode(embedder._loaded, prompts.wrap(fill(prompts.text, words)), []).length
-        assert embedder._token_bounds([text_request(words, 0)], bodies) == [exact]
-    bounds = embedder._token_bounds([image_request(p, 0) for p in photos.values()], bodies)
-    for bound, photo in zip(bounds, photos.values()):
-        encoded = runner.encode(embedder._loaded, prompts.wrap(fill(prompts.image, "")), [loader.load(photo, 0)])
-        assert encoded.length <= bound
-    assert len(set(bounds)) == 1  # one bound for every image, whatever its size
+        assert embedder._token_bounds([text_request(words, 0)], {"text": prompts.text}) == [exact]
+
+
+def _image_forms(photos, tmp_path):
+    """Image-likes of many sizes and kinds, each with the RGB image the loader makes of it."""
+    loader = ImageLoader()
+    forms = []
+    for name, photo in photos.items():
+        forms.append(photo)
+        forms.append(np.asarray(photo))
+        path = tmp_path / f"{name}.png"
+        photo.save(path)
+        forms += [path, str(path), path.read_bytes()]
+    for width, height in ((1, 1), (1, 300), (300, 1), (997, 13), (57, 56), (55, 113)):
+        forms.append(Image.new("RGB", (width, height), (10, 200, 30)))
+    rotated = io.BytesIO()
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored 300x120, shown 120x300
+    Image.new("RGB", (300, 120)).save(rotated, format="JPEG", exif=exif)
+    forms.append(rotated.getvalue())
+    return [(form, loader.load(form, 0)) for form in forms]
+
+
+@pytest.mark.parametrize("max_image_tiles", [None, 2, 0])
+def test_token_bounds_are_exact_for_images_whose_header_gives_their_size(tiny_path, photos, tmp_path, max_image_tiles):
+    embedder = E5VEmbedder(tiny_path, max_image_tiles=max_image_tiles)
+    prompts = embedder.prompts
+    bodies = {"image": prompts.image, "composed": prompts.composed}
+    forms = _image_forms(photos, tmp_path)
+    bounds = embedder._token_bounds([image_request(form, 0) for form, _ in forms], bodies)
+    composed = embedder._token_bounds([composed_request(form, "make it red", 0) for form, _ in forms], bodies)
+    for bound, composed_bound, (_, image) in zip(bounds, composed, forms):
+        prompt = prompts.wrap(fill(prompts.image, ""))
+        assert bound == runner.encode(embedder._loaded, prompt, [image], max_image_tiles=max_image_tiles).length
+        prompt = prompts.wrap(fill(prompts.composed, "make it red"))
+        exact = runner.encode(embedder._loaded, prompt, [image], max_image_tiles=max_image_tiles).length
+        assert composed_bound == exact
+    # On a grid the counts follow the sizes; the base view alone is one count for all.
+    assert len(set(bounds)) == 1 if max_image_tiles == 0 else len(set(bounds)) > 3
+
+
+def test_images_of_unknown_size_are_bounded_by_the_largest_count(embedder, photos):
+    prompts, loader = embedder.prompts, ImageLoader()
+    png = io.BytesIO()
+    photos["coffee"].save(png, format="PNG")
+    uri = "data:image/png;base64," + base64.b64encode(png.getvalue()).decode()
+    bodies = {"image": prompts.image}
+    [bound] = embedder._token_bounds([image_request(uri, 0)], bodies)
+    encoded = runner.encode(embedder._loaded, prompts.wrap(fill(prompts.image, "")), [loader.load(uri, 0)])
+    assert encoded.length < bound
+    widest = Image.new("RGB", (56, 56))  # shaped like the largest pinpoint: nothing lost to unpadding
+    assert embedder._token_bounds([image_request(widest, 0)], bodies) == [bound]
+    assert embedder._token_bounds([image_request(b"not an image", 0)], bodies) == [bound]
 
 
 def test_token_budget_defaults_by_device(tiny_path):

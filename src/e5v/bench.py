@@ -2,8 +2,9 @@
 
 :func:`run_bench` times both in one process, alternating repetitions (recipe, fast,
 fast, recipe, ...) so that drift in the machine's speed hits both alike, on three
-corpora: texts of 5-60 words, real photos of different sizes (crops of scikit-image's
-data photos) and a mixed corpus (texts, images, composed queries). It reports items/s,
+corpora: texts of 5-60 common words (:data:`e5v.testing.COMMON_WORDS`), real photos
+of different sizes (crops of scikit-image's data photos) and a mixed corpus (texts,
+images, composed queries). It reports items/s,
 the speed-up, the peak memory of each path above what was allocated before it ran, and
 the largest absolute difference between their vectors. The fast path runs with the
 embedder's defaults for the device (token budget, preparation ahead or in turn).
@@ -55,6 +56,7 @@ from e5v.inputs import Composed, ImageLoader
 from e5v.loading import LoadedModel, add_image_token_row
 from e5v.prompts import fill
 from e5v.reference import official_embedding
+from e5v.testing import COMMON_WORDS
 
 __all__ = ["BenchReport", "PEAK_TFLOPS", "format_report", "make_corpus", "model_flops", "run_bench"]
 
@@ -71,77 +73,6 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("L4", 121.0),
 )
 
-_WORDS = [
-    "the",
-    "a",
-    "dog",
-    "cat",
-    "river",
-    "park",
-    "red",
-    "blue",
-    "green",
-    "rocket",
-    "coffee",
-    "table",
-    "house",
-    "car",
-    "tree",
-    "sky",
-    "city",
-    "night",
-    "morning",
-    "photo",
-    "of",
-    "with",
-    "on",
-    "under",
-    "near",
-    "small",
-    "large",
-    "old",
-    "new",
-    "running",
-    "sleeping",
-    "flying",
-    "bright",
-    "dark",
-    "wooden",
-    "glass",
-    "mountain",
-    "beach",
-    "street",
-    "window",
-    "garden",
-    "book",
-    "chair",
-    "lamp",
-    "child",
-    "woman",
-    "man",
-    "bird",
-    "flower",
-    "road",
-    "bridge",
-    "boat",
-    "snow",
-    "rain",
-    "sun",
-    "cloud",
-    "field",
-    "forest",
-    "jacket",
-    "shirt",
-    "shoe",
-    "bag",
-    "phone",
-    "screen",
-    "kitchen",
-    "door",
-    "wall",
-    "light",
-    "stone",
-]
 _PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel")
 _EDITS = ("make it red", "at night", "in the snow", "with long sleeves", "seen from above", "as a sketch")
 
@@ -205,7 +136,7 @@ def make_corpus(texts: int, images: int, mixed: int, *, seed: int = 0) -> dict[s
 
     def text() -> str:
         while True:
-            words = rng.choice(_WORDS, size=int(rng.integers(5, 61)))
+            words = rng.choice(COMMON_WORDS, size=int(rng.integers(5, 61)))
             sentence = " ".join(words).capitalize() + "."
             if sentence not in seen:
                 seen.add(sentence)

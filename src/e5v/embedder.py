@@ -75,7 +75,8 @@ class E5VEmbedder:
     Batches hold at most ``batch_size`` items and ``max_batch_tokens`` padded tokens
     (``"auto"``: 1024 on a CPU, 16384 elsewhere; ``None``: no token limit). They are
     planned over the whole call, longest first, from token counts known before any
-    image is decoded (exact for text, the grid's largest count for an image). With
+    image is decoded (exact for text, and for images from their size in the file
+    header; a URI counts as the grid's largest image). With
     ``prepare_ahead`` each batch is prepared (decoded, tiled, tokenised) on a worker
     thread while the model runs the one before; ``None`` turns it on for accelerators
     and off on a CPU, where the model already uses every core and a preparing thread
@@ -319,15 +320,21 @@ class E5VEmbedder:
         return missing
 
     def _token_bounds(self, requests: Sequence[Request], bodies: dict[str, str]) -> list[int]:
-        """Each request's prompt tokens, counting an image at its grid's largest feature
-        count, known before decoding any image: exact for a text within
-        ``max_text_tokens``, an upper bound otherwise."""
+        """Each request's prompt tokens, known before decoding any image: exact for a
+        text within ``max_text_tokens`` and for an image whose size its header gives;
+        an upper bound otherwise (an image counted at its grid's largest feature count)."""
         tokenizer = self._loaded.processor.tokenizer
-        per_image = runner.max_image_token_count(self._loaded, runner.image_grid(self._loaded, self.max_image_tiles))
+        grid = runner.image_grid(self._loaded, self.max_image_tiles)
+        largest = runner.max_image_token_count(self._loaded, grid)
         bounds = []
         for request in requests:
             prompt = self.prompts.wrap(fill(bodies[request.kind], request.text if request.kind != "image" else ""))
-            bounds.append(len(tokenizer(prompt)["input_ids"]) + len(request.images) * (per_image - 1))
+            count = len(tokenizer(prompt)["input_ids"])
+            for image in request.images:
+                size = self._images.peek_size(image)
+                features = largest if size is None else runner.image_token_count(self._loaded, *size, grid)
+                count += features - 1  # the <image> slot becomes its features
+            bounds.append(count)
         return bounds
 
     def _prepared_batches(self, batches: list[list[Request]], bodies: dict[str, str]) -> Iterator[_Prepared]:

@@ -128,6 +128,28 @@ class ImageLoader:
             return self._decode(obj, index, obj)  # type: ignore[arg-type]
         raise InvalidInputError(f"unsupported image type {describe(obj)}; {_FIX}", index=index)
 
+    def peek_size(self, obj: object) -> tuple[int, int] | None:
+        """``(height, width)`` of the image :meth:`load` would return, read without
+        decoding pixels (a file's header, EXIF orientation applied); ``None`` when that
+        takes more than a header (URIs) or the input is not a readable image."""
+        if isinstance(obj, Image.Image):
+            return _oriented_size(obj)
+        if isinstance(obj, np.ndarray):
+            return (int(obj.shape[0]), int(obj.shape[1])) if obj.ndim in (2, 3) and obj.size else None
+        if isinstance(obj, (bytes, bytearray, memoryview)):
+            source: Any = io.BytesIO(bytes(obj))
+        elif isinstance(obj, Path) or (isinstance(obj, str) and "://" not in obj[:16] and obj[:5].lower() != "data:"):
+            source = obj
+        else:
+            return None
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(source) as image:
+                    return _oriented_size(image)
+        except Exception:  # the loader will say what is wrong with it
+            return None
+
     def _from_string(self, value: str, index: int) -> Image.Image:
         lowered = value[:16].lower()
         if lowered.startswith("data:"):
@@ -210,6 +232,14 @@ class ImageLoader:
                 f"{describe(original)} cannot be converted to RGB ({exc}); re-save it as PNG or JPEG",
                 index=index,
             ) from None
+
+
+def _oriented_size(image: Image.Image) -> tuple[int, int]:
+    """``(height, width)`` after ``ImageOps.exif_transpose``."""
+    width, height = image.size
+    if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # rotated a quarter turn
+        width, height = height, width
+    return height, width
 
 
 def _convert_rgb(image: Image.Image) -> Image.Image:

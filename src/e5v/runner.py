@@ -3,9 +3,10 @@
 Unlike the official recipe it never computes the LM head's logits nor keeps per-layer
 hidden states of the decoder: it runs the vision tower, the projector and the decoder,
 then reads the final (normed) hidden state at each sequence's last real token.
-Sequences are padded on the right and given their own attention mask, so a vector does
-not depend on what else is in its batch, whatever padding side the tokenizer was saved
-with.
+Sequences are padded on the right, whatever padding side the tokenizer was saved with:
+under causal attention no real token attends to a pad after it, so a vector does not
+depend on what else is in its batch, and the decoder needs no padding mask (SDPA runs
+its causal kernel, as for a single unpadded prompt).
 
 Images are tiled on E5-V's anyres grid (``config.image_grid_pinpoints``) unless a tile
 budget is given (:func:`image_grid`): each :class:`Encoded` carries the grid its tiles
@@ -137,9 +138,8 @@ def forward(loaded: LoadedModel, batch: Sequence[Encoded]) -> torch.Tensor:
     attention_mask = attention_mask.to(device)
 
     embeds = _input_embeds(loaded, batch, input_ids, attention_mask)
-    hidden = model.model.language_model(
-        inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False, return_dict=True
-    ).last_hidden_state
+    # Right padding under causal attention: real tokens never see a pad (module docstring).
+    hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False, return_dict=True).last_hidden_state
     last = hidden[torch.arange(len(batch), device=hidden.device), (lengths - 1).to(hidden.device)]
     return torch.nn.functional.normalize(last.float(), dim=-1)
 

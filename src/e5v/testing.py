@@ -22,7 +22,9 @@ Presets:
   head), MLP 448 (3.5x hidden, as E5-V), vocabulary 4008 (the BPE vocabulary padded
   with filler tokens; 31.3x hidden, as E5-V's 128256 / 4096), so the official recipe's
   per-token waste (LM-head logits and 33 kept hidden states) weighs what it does in
-  E5-V. Vision: 24 layers (as CLIP-L/14), hidden 64, MLP 256 (4x, as CLIP-L); 112-px
+  E5-V. Texts of :data:`COMMON_WORDS` take about a token a word (1.2 with punctuation),
+  as in E5-V's Llama-3 tokenizer, so a text is as long against the model as in E5-V.
+  Vision: 24 layers (as CLIP-L/14), hidden 64, MLP 256 (4x, as CLIP-L); 112-px
   tiles of 14-px patches on E5-V's anyres grid (up to 2x2 tiles + base), so 64 image
   tokens a tile instead of 576: images weigh 9x less against text than in E5-V.
 - ``"e5v-8b"``: E5-V's full size (Llama-3-8B + CLIP ViT-L/14-336, ``<image>`` at 128256
@@ -39,7 +41,14 @@ from pathlib import Path
 
 from e5v.prompts import IMAGE_TOKEN, LLAMA3_SPECIAL_TOKENS
 
-__all__ = ["PRESETS", "CheckpointSpec", "build_random_model", "build_tiny_checkpoint", "llava_next_config"]
+__all__ = [
+    "COMMON_WORDS",
+    "PRESETS",
+    "CheckpointSpec",
+    "build_random_model",
+    "build_tiny_checkpoint",
+    "llava_next_config",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +125,20 @@ PRESETS: dict[str, CheckpointSpec] = {
     ),
 }
 
+#: Common English words. Llama-3's tokenizer, like most, holds each as one token (with
+#: its leading space); the toy tokenizers learn them whole too, so that a sentence of
+#: them is as many tokens as in E5-V (a word a token), not 3-4 byte pieces a word.
+# fmt: off
+COMMON_WORDS: tuple[str, ...] = (
+    "the", "a", "dog", "cat", "river", "park", "red", "blue", "green", "rocket", "coffee", "table", "house", "car",
+    "tree", "sky", "city", "night", "morning", "photo", "of", "with", "on", "under", "near", "small", "large",
+    "old", "new", "running", "sleeping", "flying", "bright", "dark", "wooden", "glass", "mountain", "beach",
+    "street", "window", "garden", "book", "chair", "lamp", "child", "woman", "man", "bird", "flower", "road",
+    "bridge", "boat", "snow", "rain", "sun", "cloud", "field", "forest", "jacket", "shirt", "shoe", "bag", "phone",
+    "screen", "kitchen", "door", "wall", "light", "stone"
+)
+# fmt: on
+
 _CORPUS = (
     "A dog is running in the park. A cat sleeps on a warm sofa. The astronaut floats above "
     "the earth. A red rocket stands on the launch pad. A cup of coffee on a wooden table. "
@@ -138,7 +161,8 @@ def _build_tokenizer(spec: CheckpointSpec):  # -> PreTrainedTokenizerFast
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([_CORPUS] * 4, trainer)
+    words = " ".join(f"{word} {word.capitalize()}" for word in COMMON_WORDS)
+    tok.train_from_iterator([_CORPUS] * 4 + [words] * 4, trainer)
     specials = [BOS_TOKEN, EOS_TOKEN, *LLAMA3_SPECIAL_TOKENS]
     if spec.image_token_id is not None:
         tok = _pad_vocabulary(tok, spec.image_token_id - len(specials))

@@ -78,6 +78,11 @@ def test_cli_json(tiny_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert set(data["corpora"]) == {"texts", "images"} and data["cache"] is None
     assert data["corpora"]["texts"]["max_abs_diff"] <= 1e-5
+    assert data["max_batch_tokens"] == 1024  # "auto" on a CPU
+    main(["bench", "--model", str(tiny_path), *options, "--max-batch-tokens", "none"])
+    assert json.loads(capsys.readouterr().out)["max_batch_tokens"] is None
+    main(["bench", "--model", str(tiny_path), *options, "--max-batch-tokens", "64"])
+    assert json.loads(capsys.readouterr().out)["max_batch_tokens"] == 64
 
 
 def test_cli_errors(capsys):
@@ -87,6 +92,9 @@ def test_cli_errors(capsys):
         main(["bench", "--texts", "-1"])
     with pytest.raises(SystemExit):
         main(["bench", "--random-init", "huge"])
+    with pytest.raises(SystemExit):
+        main(["bench", "--max-batch-tokens", "0"])
+    assert "--max-batch-tokens" in capsys.readouterr().err
 
 
 def test_small_preset_keeps_e5v_proportions():

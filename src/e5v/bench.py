@@ -42,7 +42,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -383,6 +383,7 @@ def run_bench(
     device: str | None = None,
     dtype: str | None = None,
     batch_size: int = 16,
+    max_batch_tokens: int | Literal["auto"] | None = "auto",
     texts: int = 32,
     images: int = 16,
     mixed: int = 24,
@@ -400,7 +401,7 @@ def run_bench(
     """
     loaded = _load(model, random_init, device, dtype, seed)
     add_image_token_row(loaded.model)  # the recipe's one-time fix, outside every measurement
-    embedder = E5VEmbedder(loaded, batch_size=batch_size)
+    embedder = E5VEmbedder(loaded, batch_size=batch_size, max_batch_tokens=max_batch_tokens)
     resolved = embedder.device
     device_name, table_peak = peak_tflops_of(resolved)
     peak = peak_tflops if peak_tflops is not None else table_peak

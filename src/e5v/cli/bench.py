@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, Literal
 
 from e5v.defaults import DEFAULT_MODEL
 
@@ -34,6 +34,12 @@ def register(subparsers: Any) -> None:
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     group.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
     group.add_argument("--batch-size", type=int, default=16, help="fast path items per forward pass (default: 16)")
+    group.add_argument(
+        "--max-batch-tokens",
+        type=_token_budget,
+        default="auto",
+        help="fast path padded tokens per forward pass: a number, 'auto' (1024 on CPU, 16384 on GPU) or 'none'",
+    )
     corpus = parser.add_argument_group("corpus")
     corpus.add_argument("--texts", type=int, default=32, help="texts of 5-60 words (default: 32)")
     corpus.add_argument("--images", type=int, default=16, help="photos of different sizes (default: 16)")
@@ -62,6 +68,7 @@ def run(args: argparse.Namespace) -> int:
             device=args.device,
             dtype=args.dtype,
             batch_size=args.batch_size,
+            max_batch_tokens=args.max_batch_tokens,
             texts=args.texts,
             images=args.images,
             mixed=args.mixed,
@@ -74,3 +81,17 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"e5v bench: {exc}") from None
     sys.stdout.write((json.dumps(report.to_dict(), indent=2) if args.json else format_report(report)) + "\n")
     return 0
+
+
+def _token_budget(value: str) -> int | Literal["auto"] | None:
+    if value == "auto":
+        return "auto"
+    if value == "none":
+        return None
+    try:
+        budget = int(value)
+    except ValueError:
+        budget = 0
+    if budget < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, 'auto' or 'none', got {value!r}")
+    return budget

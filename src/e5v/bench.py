@@ -4,9 +4,9 @@
 fast, recipe, ...) so that drift in the machine's speed hits both alike, on three
 corpora: texts of 5-60 common words (:data:`e5v.testing.COMMON_WORDS`), real photos
 of different sizes (crops of scikit-image's data photos) and a mixed corpus (texts,
-images, composed queries). It reports items/s,
-the speed-up, the peak memory of each path above what was allocated before it ran, and
-the largest absolute difference between their vectors. The fast path runs with the
+images, composed queries). It reports items/s, the speed-up, the peak memory of each
+path above what was allocated before it ran, and the largest absolute difference
+between their vectors. The fast path runs with the
 embedder's defaults for the device (token budget, preparation ahead or in turn).
 
 ``--random-init small`` keeps E5-V's proportions at a CPU size (32 decoder layers,

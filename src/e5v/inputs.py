@@ -138,7 +138,7 @@ class ImageLoader:
             return (int(obj.shape[0]), int(obj.shape[1])) if obj.ndim in (2, 3) and obj.size else None
         if isinstance(obj, (bytes, bytearray, memoryview)):
             source: Any = io.BytesIO(bytes(obj))
-        elif isinstance(obj, Path) or (isinstance(obj, str) and "://" not in obj[:16] and obj[:5].lower() != "data:"):
+        elif isinstance(obj, Path) or (isinstance(obj, str) and not _is_uri(obj)):
             source = obj
         else:
             return None
@@ -232,6 +232,11 @@ class ImageLoader:
                 f"{describe(original)} cannot be converted to RGB ({exc}); re-save it as PNG or JPEG",
                 index=index,
             ) from None
+
+
+def _is_uri(value: str) -> bool:
+    """A URL or data URI, as opposed to a local path."""
+    return "://" in value[:16] or value[:5].lower() == "data:"
 
 
 def _oriented_size(image: Image.Image) -> tuple[int, int]:
@@ -350,7 +355,7 @@ class Request:
 
 def content_key(obj: object) -> Any:
     """A hashable identity for an image-like (path, size and mtime for files; digests otherwise)."""
-    if isinstance(obj, str) and ("://" in obj[:16] or obj[:5].lower() == "data:"):
+    if isinstance(obj, str) and _is_uri(obj):
         return ("uri", hashlib.blake2b(obj.encode(), digest_size=16).digest())
     if isinstance(obj, (str, Path)):
         path = Path(obj)

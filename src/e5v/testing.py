@@ -233,6 +233,15 @@ def llava_next_config(spec: CheckpointSpec, *, vocab_size: int, image_token_inde
     )
 
 
+def _tokenizer_and_config(spec: CheckpointSpec):  # -> (PreTrainedTokenizerFast, LlavaNextConfig)
+    """The tokenizer and the model config for ``spec``."""
+    tokenizer = _build_tokenizer(spec)
+    image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    # The published checkpoint's language model has no row for <image>: vocab_size == its id.
+    vocab_size = image_token_index if spec.published_traps else len(tokenizer)
+    return tokenizer, llava_next_config(spec, vocab_size=vocab_size, image_token_index=image_token_index)
+
+
 def build_tiny_checkpoint(path: str | Path, preset: str | CheckpointSpec = "tiny", *, seed: int = 0) -> Path:
     """Build a random LLaVA-NeXT checkpoint (model + processor) at ``path`` and return it.
 
@@ -245,11 +254,7 @@ def build_tiny_checkpoint(path: str | Path, preset: str | CheckpointSpec = "tiny
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
 
-    tokenizer = _build_tokenizer(spec)
-    image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    # The published checkpoint's language model has no row for <image>: vocab_size == its id.
-    vocab_size = image_token_index if spec.published_traps else len(tokenizer)
-    config = llava_next_config(spec, vocab_size=vocab_size, image_token_index=image_token_index)
+    tokenizer, config = _tokenizer_and_config(spec)
 
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).eval()
@@ -294,10 +299,7 @@ def build_random_model(
 
     spec = PRESETS[preset] if isinstance(preset, str) else preset
     target_device, target_dtype = torch.device(device), resolve_dtype(dtype, torch.device(device))
-    tokenizer = _build_tokenizer(spec)
-    image_token_index = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
-    vocab_size = image_token_index if spec.published_traps else len(tokenizer)
-    config = llava_next_config(spec, vocab_size=vocab_size, image_token_index=image_token_index)
+    tokenizer, config = _tokenizer_and_config(spec)
     torch.manual_seed(seed)
     with target_device:
         model = LlavaNextForConditionalGeneration._from_config(
@@ -311,7 +313,7 @@ def build_random_model(
         name=f"random-init:{name}:seed={seed}",
         revision=None,
         dtype=target_dtype,
-        image_token_id=image_token_index,
+        image_token_id=config.image_token_index,
     )
 
 

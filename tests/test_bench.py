@@ -59,6 +59,21 @@ def test_flops_of_a_text_follow_the_documented_formula(embedder):
     assert model_flops(loaded, [encoded]) == expected
 
 
+def test_flops_of_an_image_count_the_vision_layers_that_run(embedder, photos):
+    loaded = embedder._loaded
+    config = loaded.model.config
+    vision, text = config.vision_config, config.text_config
+    encoded = runner.encode(loaded, "<image>", [photos["rocket"].convert("RGB")])
+    without_image = runner.Encoded(encoded.input_ids, None, None)
+    layers = vision.num_hidden_layers + config.vision_feature_layer + 1  # -2: all but the last
+    tokens, d_v, i_v = (vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size, vision.intermediate_size
+    per_tile = 2 * tokens * 3 * vision.patch_size**2 * d_v
+    per_tile += layers * (2 * tokens * (4 * d_v * d_v + 2 * d_v * i_v) + 4 * tokens**2 * d_v)
+    per_tile += 2 * (tokens - 1) * (d_v * text.hidden_size + text.hidden_size**2)
+    expected = model_flops(loaded, [without_image]) + sum(encoded.tiles) * per_tile
+    assert config.vision_feature_layer == -2 and model_flops(loaded, [encoded]) == expected
+
+
 def test_flops_grow_with_image_tiles(tiny_path, photos):
     loaded = E5VEmbedder(tiny_path)._loaded
     full = runner.encode(loaded, "<image>", [photos["rocket"].convert("RGB")])

@@ -23,7 +23,7 @@ start. Elsewhere it is not measured (``None``).
 FLOPs (the useful work of both paths; the recipe's LM head is not counted), with ``T``
 vision tokens a tile (patches + CLS), ``n`` tokens a prompt, ``L`` layers, ``d`` widths,
 ``i`` MLP widths, ``d_kv`` the key/value width, ``p`` the patch side, ``L_v`` the vision
-layers up to the one the features are read from (E5-V: 23 of CLIP-L's 24)::
+layers that run (up to the one the features are read from: 23 of CLIP-L's 24 for E5-V)::
 
     vision tile  = 2*T*3*p*p*d_v + L_v * (2*T*(4*d_v^2 + 2*d_v*i_v) + 4*T^2*d_v)
     projector    = 2*(T-1)*(d_v*d + d*d)            (per tile)
@@ -240,7 +240,8 @@ def model_flops(loaded: LoadedModel, encoded: Sequence[runner.Encoded]) -> float
     tokens = side * side + 1
     d_v, i_v = vision.hidden_size, vision.intermediate_size
     per_tile = 2 * tokens * 3 * vision.patch_size**2 * d_v
-    per_tile += _vision_layers_used(config) * (2 * tokens * (4 * d_v * d_v + 2 * d_v * i_v) + 4 * tokens**2 * d_v)
+    layers_v = runner.vision_layers_run(vision.num_hidden_layers, config.vision_feature_layer)
+    per_tile += layers_v * (2 * tokens * (4 * d_v * d_v + 2 * d_v * i_v) + 4 * tokens**2 * d_v)
     d, i = text.hidden_size, text.intermediate_size
     per_tile += 2 * (tokens - 1) * (d_v * d + d * d)
     d_kv = d * text.num_key_value_heads // text.num_attention_heads
@@ -250,13 +251,6 @@ def model_flops(loaded: LoadedModel, encoded: Sequence[runner.Encoded]) -> float
         total += sum(item.tiles) * per_tile
         total += text.num_hidden_layers * (2 * n * (2 * d * d + 2 * d * d_kv + 3 * d * i) + 2 * n * n * d)
     return float(total)
-
-
-def _vision_layers_used(config: Any) -> int:
-    """Vision layers up to the deepest one the features are read from (no more run)."""
-    layers = config.vision_config.num_hidden_layers
-    selected = config.vision_feature_layer
-    return max(index % (layers + 1) for index in (selected if isinstance(selected, list) else [selected]))
 
 
 def peak_tflops_of(device: torch.device) -> tuple[str, float | None]:

@@ -25,7 +25,16 @@ from PIL import Image
 from e5v.loading import LoadedModel
 from e5v.prompts import IMAGE_TOKEN
 
-__all__ = ["Encoded", "Grid", "encode", "forward", "image_grid", "image_token_count", "max_image_token_count"]
+__all__ = [
+    "Encoded",
+    "Grid",
+    "encode",
+    "forward",
+    "image_grid",
+    "image_token_count",
+    "max_image_token_count",
+    "vision_layers_run",
+]
 
 #: Anyres pinpoints as ``((height, width), ...)``; ``()`` means the base view only.
 Grid = tuple[tuple[int, int], ...]
@@ -179,6 +188,12 @@ def _image_features(loaded: LoadedModel, items: Sequence[Encoded]) -> torch.Tens
     return torch.cat([_pack(loaded, chunk, size, grid) for chunk, (_, size, grid) in zip(chunks, per_image)])
 
 
+def vision_layers_run(layers: int, feature_layer: int | list[int]) -> int:
+    """Vision layers run for features read at ``feature_layer`` of a ``layers``-layer tower:
+    those up to it for one layer (E5-V's -2: all but the last), the whole tower for several."""
+    return feature_layer % (layers + 1) if isinstance(feature_layer, int) else layers
+
+
 def _vision_states(tower: torch.nn.Module, pixel_values: torch.Tensor, layer: int | list[int]) -> torch.Tensor:
     """The vision tower's hidden states at ``layer``. A CLIP tower runs only the layers
     below it (E5-V reads the second to last: one layer less) and keeps no other layer's
@@ -187,7 +202,7 @@ def _vision_states(tower: torch.nn.Module, pixel_values: torch.Tensor, layer: in
     clip_like = blocks is not None and hasattr(tower, "embeddings") and hasattr(tower, "pre_layrnorm")
     if isinstance(layer, int) and clip_like:
         hidden = tower.pre_layrnorm(tower.embeddings(pixel_values))
-        for block in blocks[: layer % (len(blocks) + 1)]:
+        for block in blocks[: vision_layers_run(len(blocks), layer)]:
             hidden = block(hidden, None)
         return hidden
     states = tower(pixel_values, output_hidden_states=True, return_dict=True).hidden_states

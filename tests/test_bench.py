@@ -35,7 +35,7 @@ def test_report_compares_both_paths(report):
 def test_report_formats_and_serialises(report):
     text = format_report(report)
     assert "speed-up" in text and "texts" in text and "cache (3 mixed items)" in text
-    assert report.max_batch_tokens == 1024 and not report.prepare_ahead  # the embedder's CPU defaults
+    assert report.max_batch_tokens == 1024 and report.workers == 1 and not report.prepare_ahead  # CPU defaults
     assert "1024 tokens a batch, prepared in turn" in text
     assert json.loads(json.dumps(report.to_dict()))["corpora"]["images"]["items"] == 2
 
@@ -93,11 +93,14 @@ def test_cli_json(tiny_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert set(data["corpora"]) == {"texts", "images"} and data["cache"] is None
     assert data["corpora"]["texts"]["max_abs_diff"] <= 1e-5
-    assert data["max_batch_tokens"] == 1024  # "auto" on a CPU
+    assert data["max_batch_tokens"] == 1024 and data["workers"] == 1  # "auto" on a CPU
     main(["bench", "--model", str(tiny_path), *options, "--max-batch-tokens", "none"])
     assert json.loads(capsys.readouterr().out)["max_batch_tokens"] is None
     main(["bench", "--model", str(tiny_path), *options, "--max-batch-tokens", "64"])
     assert json.loads(capsys.readouterr().out)["max_batch_tokens"] == 64
+    main(["bench", "--model", str(tiny_path), *options, "--workers", "2"])
+    data = json.loads(capsys.readouterr().out)
+    assert data["workers"] == 2 and data["corpora"]["texts"]["max_abs_diff"] <= 1e-5
 
 
 def test_cli_errors(capsys):

@@ -103,7 +103,7 @@ def test_preparation_runs_on_a_worker_exactly_one_batch_ahead(tiny_path, monkeyp
     """The first forward waits until the worker encodes the second batch: it only gets
     there if preparation runs ahead of the model; and no forward ever finds more than
     the next batch encoded, so prepared pixels are held for two batches at most."""
-    embedder = E5VEmbedder(tiny_path, batch_size=1, prepare_ahead=True)
+    embedder = E5VEmbedder(tiny_path, batch_size=1, prepare_ahead=True, workers=1)
     texts = [f"text number {i}" for i in range(6)]  # equal lengths: batches in input order
     second_batch = threading.Event()
     encoded: list[str] = []
@@ -209,6 +209,7 @@ def test_images_of_unknown_size_are_bounded_by_the_largest_count(embedder, photo
 
 def test_token_budget_defaults_by_device(tiny_path):
     assert E5VEmbedder(tiny_path).max_batch_tokens == 1024  # a CPU here
+    assert E5VEmbedder(tiny_path, workers=2).max_batch_tokens == 1024  # a budget for each batch
     assert E5VEmbedder(tiny_path, max_batch_tokens=None).max_batch_tokens is None
     with pytest.raises(ValueError, match="max_batch_tokens"):
         E5VEmbedder(tiny_path, max_batch_tokens=0)
@@ -216,12 +217,13 @@ def test_token_budget_defaults_by_device(tiny_path):
 
 def test_encoding_happens_off_the_calling_thread_when_preparing_ahead(tiny_path, monkeypatch):
     calls = Calls(monkeypatch)
-    E5VEmbedder(tiny_path, prepare_ahead=True).embed_texts(["one", "two"])
+    E5VEmbedder(tiny_path, prepare_ahead=True, workers=1).embed_texts(["one", "two"])
     assert calls.encode_threads and all(name.startswith("e5v-prepare") for name in calls.encode_threads)
 
 
-def test_on_a_cpu_encoding_runs_in_turn_on_the_calling_thread(embedder, monkeypatch):
+def test_on_a_cpu_encoding_runs_in_turn_on_the_calling_thread(tiny_path, monkeypatch):
     calls = Calls(monkeypatch)
+    embedder = E5VEmbedder(tiny_path, workers=1)
     assert not embedder.prepare_ahead
     embedder.embed_texts(["one", "two"])
     assert calls.encode_threads == {threading.current_thread().name}
@@ -305,3 +307,65 @@ def test_full_size_spec_code_path_on_a_reduced_model(photos):
     vectors = E5VEmbedder(loaded, batch_size=2).embed(["a dog", photos["cat"], Composed(photos["rocket"], "red")])
     assert vectors.shape == (3, 32)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
+
+
+def test_workers_run_batches_side_by_side_with_a_share_of_torch_threads(tiny_path, monkeypatch):
+    """The first forward waits until a second one has started: it only gets there if two
+    batches run at once. Each worker runs with half the caller's torch threads, and the
+    caller's setting is what it was after the call, for new threads too."""
+    embedder = E5VEmbedder(tiny_path, batch_size=1, workers=2)
+    caller_threads = torch.get_num_threads()
+    second_started = threading.Event()
+    seen: list[tuple[str, int]] = []
+    waited: list[bool] = []
+    forward = runner.forward
+
+    def overlapping_forward(loaded, batch):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        if len(seen) == 1:
+            waited.append(second_started.wait(timeout=30))
+        else:
+            second_started.set()
+        return forward(loaded, batch)
+
+    monkeypatch.setattr(runner, "forward", overlapping_forward)
+    embedder.embed_texts([f"text number {i}" for i in range(5)])
+    assert waited == [True] and len(seen) == 5
+    assert {name.split("_")[0] for name, _ in seen} == {"e5v-worker"} and len({name for name, _ in seen}) == 2
+    assert {threads for _, threads in seen} == {max(1, caller_threads // 2)}
+    fresh: list[int] = []
+    thread = threading.Thread(target=lambda: fresh.append(torch.get_num_threads()))
+    thread.start()
+    thread.join()
+    assert torch.get_num_threads() == caller_threads and fresh == [caller_threads]
+
+
+def test_workers_give_the_single_batch_vectors_in_input_order(tiny_path, photos):
+    items = ["a dog", photos["cat"], "a rocket", Composed(photos["rocket"], "at night"), "a dog", photos["text"]]
+    one = E5VEmbedder(tiny_path, batch_size=2, workers=1).embed(items)
+    two = E5VEmbedder(tiny_path, batch_size=2, workers=2).embed(items)
+    three = E5VEmbedder(tiny_path, batch_size=1, workers=3).embed(items)
+    np.testing.assert_allclose(two, one, atol=1e-6)
+    np.testing.assert_allclose(three, one, atol=1e-6)
+    np.testing.assert_array_equal(two[0], two[4])
+
+
+def test_a_failing_batch_among_workers_raises_and_leaves_the_embedder_usable(tiny_path, photos):
+    from e5v.errors import InvalidInputError
+
+    buffer = io.BytesIO()
+    photos["cat"].save(buffer, format="PNG")
+    truncated = buffer.getvalue()[: len(buffer.getvalue()) // 2]
+    embedder = E5VEmbedder(tiny_path, batch_size=1, workers=2)
+    threads = torch.get_num_threads()
+    with pytest.raises(InvalidInputError, match="item 3"):
+        embedder.embed(["one", "two", "three", truncated, "five", "six"])
+    assert torch.get_num_threads() == threads
+    assert embedder.embed(["one", "two"]).shape == (2, embedder.dimension)
+
+
+def test_workers_are_checked_and_off_by_default(tiny_path):
+    assert E5VEmbedder(tiny_path).workers == 1
+    for bad in (0, -1, "two"):
+        with pytest.raises(ValueError, match="workers"):
+            E5VEmbedder(tiny_path, workers=bad)

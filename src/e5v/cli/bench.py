@@ -40,6 +40,12 @@ def register(subparsers: Any) -> None:
         default="auto",
         help="fast path padded tokens per forward pass: a number, 'auto' (1024 on CPU, 16384 on GPU) or 'none'",
     )
+    group.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        help="fast path batches at once on a CPU, each on its own thread (default: 1)",
+    )
     corpus = parser.add_argument_group("corpus")
     corpus.add_argument("--texts", type=int, default=32, help="texts of 5-60 words (default: 32)")
     corpus.add_argument("--images", type=int, default=16, help="photos of different sizes (default: 16)")
@@ -69,6 +75,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             batch_size=args.batch_size,
             max_batch_tokens=args.max_batch_tokens,
+            workers=args.workers,
             texts=args.texts,
             images=args.images,
             mixed=args.mixed,
@@ -95,3 +102,13 @@ def _token_budget(value: str) -> int | Literal["auto"] | None:
     if budget < 1:
         raise argparse.ArgumentTypeError(f"expected a positive number, 'auto' or 'none', got {value!r}")
     return budget
+
+
+def _workers(value: str) -> int:
+    try:
+        workers = int(value)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return workers

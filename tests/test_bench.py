@@ -113,6 +113,9 @@ def test_cli_errors(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--max-batch-tokens", "0"])
     assert "--max-batch-tokens" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--workers", "0"])
+    assert "--workers: expected a positive number, got '0'" in capsys.readouterr().err
 
 
 def test_small_preset_keeps_e5v_proportions():

@@ -42,7 +42,7 @@ def register(subparsers: Any) -> None:
     )
     group.add_argument(
         "--workers",
-        type=_workers,
+        type=_positive,
         default=1,
         help="fast path batches at once on a CPU, each on its own thread (default: 1)",
     )
@@ -95,20 +95,14 @@ def _token_budget(value: str) -> int | Literal["auto"] | None:
         return "auto"
     if value == "none":
         return None
-    try:
-        budget = int(value)
-    except ValueError:
-        budget = 0
-    if budget < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number, 'auto' or 'none', got {value!r}")
-    return budget
+    return _positive(value, "a positive number, 'auto' or 'none'")
 
 
-def _workers(value: str) -> int:
+def _positive(value: str, expected: str = "a positive number") -> int:
     try:
-        workers = int(value)
+        number = int(value)
     except ValueError:
-        workers = 0
-    if workers < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return workers
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+    return number

@@ -143,11 +143,11 @@ class E5VEmbedder:
                 model_kwargs=model_kwargs,
                 adapter=adapter,
             )
+        self.max_batch_tokens = _batch_token_budget(max_batch_tokens, self._loaded.input_device)
         self.prepare_ahead = self._loaded.input_device.type != "cpu" if prepare_ahead is None else prepare_ahead
         if workers > 1 and self._loaded.input_device.type != "cpu":
             raise ValueError(f"workers={workers} runs batches side by side on CPU threads, not on {self.device}")
         self.workers = workers
-        self.max_batch_tokens = _batch_token_budget(max_batch_tokens, self._loaded.input_device)
         self._images = ImageLoader(max_image_pixels=max_image_pixels, allow_remote=allow_remote)
         self.cache = cache if isinstance(cache, EmbeddingCache) or cache is None else EmbeddingCache(cache)
         self._identity = "|".join(

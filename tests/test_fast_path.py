@@ -103,7 +103,7 @@ def test_preparation_runs_on_a_worker_exactly_one_batch_ahead(tiny_path, monkeyp
     """The first forward waits until the worker encodes the second batch: it only gets
     there if preparation runs ahead of the model; and no forward ever finds more than
     the next batch encoded, so prepared pixels are held for two batches at most."""
-    embedder = E5VEmbedder(tiny_path, batch_size=1, prepare_ahead=True, workers=1)
+    embedder = E5VEmbedder(tiny_path, batch_size=1, prepare_ahead=True)
     texts = [f"text number {i}" for i in range(6)]  # equal lengths: batches in input order
     second_batch = threading.Event()
     encoded: list[str] = []
@@ -217,13 +217,12 @@ def test_token_budget_defaults_by_device(tiny_path):
 
 def test_encoding_happens_off_the_calling_thread_when_preparing_ahead(tiny_path, monkeypatch):
     calls = Calls(monkeypatch)
-    E5VEmbedder(tiny_path, prepare_ahead=True, workers=1).embed_texts(["one", "two"])
+    E5VEmbedder(tiny_path, prepare_ahead=True).embed_texts(["one", "two"])
     assert calls.encode_threads and all(name.startswith("e5v-prepare") for name in calls.encode_threads)
 
 
-def test_on_a_cpu_encoding_runs_in_turn_on_the_calling_thread(tiny_path, monkeypatch):
+def test_on_a_cpu_encoding_runs_in_turn_on_the_calling_thread(embedder, monkeypatch):
     calls = Calls(monkeypatch)
-    embedder = E5VEmbedder(tiny_path, workers=1)
     assert not embedder.prepare_ahead
     embedder.embed_texts(["one", "two"])
     assert calls.encode_threads == {threading.current_thread().name}

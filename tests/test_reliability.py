@@ -36,11 +36,9 @@ def test_one_bad_item_fails_the_whole_call_naming_it(embedder, photos):
         embedder.embed(["text", 3, photos["cat"]])
 
 
-def test_out_of_memory_halves_the_batch_and_gives_identical_results(tiny_path, photos, monkeypatch):
-    from e5v import E5VEmbedder
+def test_out_of_memory_halves_the_batch_and_gives_identical_results(embedder, photos, monkeypatch):
     from e5v import embedder as embedder_module
 
-    embedder = E5VEmbedder(tiny_path, workers=1)  # one batch at a time, as on a GPU
     items = ["a cat", photos["cat"], "a rocket on its pad", photos["rocket"], "coffee", photos["camera"]]
     expected = embedder.embed(items, batch_size=6)
     real_forward = embedder_module.runner.forward

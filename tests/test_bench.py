@@ -40,6 +40,21 @@ def test_report_formats_and_serialises(report):
     assert json.loads(json.dumps(report.to_dict()))["corpora"]["images"]["items"] == 2
 
 
+def test_memory_is_measured_on_its_own_pass_and_timed_runs_keep_the_heap(tiny_path, monkeypatch):
+    from e5v import bench
+
+    starts = []
+    measure = bench._Memory.start
+
+    def counted(memory):
+        starts.append(memory.device.type)
+        measure(memory)  # gc, malloc_trim, high-water reset
+
+    monkeypatch.setattr(bench._Memory, "start", counted)
+    run_bench(tiny_path, device="cpu", texts=2, images=0, mixed=0, repeats=3)
+    assert starts == ["cpu", "cpu"]  # one memory pass per path, no trim around the 2 x 3 timed runs
+
+
 def test_corpus_is_deterministic_unique_and_of_many_sizes():
     first, again = make_corpus(10, 8, 6, seed=3), make_corpus(10, 8, 6, seed=3)
     assert first["texts"] == again["texts"]

@@ -115,7 +115,7 @@ def test_cli_json(tiny_path, capsys):
     assert json.loads(capsys.readouterr().out)["max_batch_tokens"] == 64
     main(["bench", "--model", str(tiny_path), *options, "--workers", "2"])
     data = json.loads(capsys.readouterr().out)
-    assert data["workers"] == 2 and data["corpora"]["texts"]["max_abs_diff"] <= 1e-5
+    assert data["workers"] == 2 and data["max_batch_tokens"] == 512 and data["corpora"]["texts"]["max_abs_diff"] <= 1e-5
 
 
 def test_cli_errors(capsys):

@@ -208,8 +208,9 @@ def test_images_of_unknown_size_are_bounded_by_the_largest_count(embedder, photo
 
 
 def test_token_budget_defaults_by_device(tiny_path):
-    assert E5VEmbedder(tiny_path).max_batch_tokens == 1024  # a CPU here
-    assert E5VEmbedder(tiny_path, workers=2).max_batch_tokens == 1024  # a budget for each batch
+    assert E5VEmbedder(tiny_path, workers=1).max_batch_tokens == 1024  # a CPU here
+    assert E5VEmbedder(tiny_path, workers=2).max_batch_tokens == 512  # "auto": 1024 in flight, shared
+    assert E5VEmbedder(tiny_path, workers=2, max_batch_tokens=1024).max_batch_tokens == 1024  # a number: per batch
     assert E5VEmbedder(tiny_path, max_batch_tokens=None).max_batch_tokens is None
     with pytest.raises(ValueError, match="max_batch_tokens"):
         E5VEmbedder(tiny_path, max_batch_tokens=0)
@@ -337,6 +338,21 @@ def test_workers_run_batches_side_by_side_with_a_share_of_torch_threads(tiny_pat
     thread.start()
     thread.join()
     assert torch.get_num_threads() == caller_threads and fresh == [caller_threads]
+
+
+def test_a_call_of_one_batch_runs_on_the_calling_thread_with_all_threads(tiny_path, monkeypatch):
+    """A query (one batch) gets all of torch's threads, whatever the workers."""
+    embedder = E5VEmbedder(tiny_path, workers=2)
+    seen: list[tuple[str, int]] = []
+    forward = runner.forward
+
+    def recording_forward(loaded, batch):
+        seen.append((threading.current_thread().name, torch.get_num_threads()))
+        return forward(loaded, batch)
+
+    monkeypatch.setattr(runner, "forward", recording_forward)
+    embedder.embed_texts(["a query"])
+    assert seen == [(threading.current_thread().name, torch.get_num_threads())]
 
 
 def test_workers_give_the_single_batch_vectors_in_input_order(tiny_path, photos):

@@ -90,7 +90,7 @@ class PathResult:
     seconds: float  # median over repetitions
     items_per_s: float
     peak_memory_mb: float | None
-    activation_mb_per_item: float | None  # peak / items held at once (recipe: 1, fast: largest batch x workers)
+    activation_mb_per_item: float | None  # peak / items held at once (recipe: 1, fast: largest batch x busy workers)
     tflops_per_s: float
     fraction_of_peak: float | None
 
@@ -311,13 +311,12 @@ def _bench_corpus(
     inputs = _recipe_inputs(embedder, items)
     encoded = [runner.encode(loaded, prompt, images) for prompt, images in inputs]
     flops = model_flops(loaded, encoded)
-    # The fast path plans on token bounds, never above the exact lengths: this is the most it holds.
-    largest_batch = max(
-        len(batch)
-        for batch in plan_batches(
-            [item.length for item in encoded], max_items=embedder.batch_size, max_tokens=embedder.max_batch_tokens
-        )
+    # The fast path plans on token bounds, never above the exact lengths: this is the most it
+    # holds, in each worker's batch when there is more than one batch.
+    plan = plan_batches(
+        [item.length for item in encoded], max_items=embedder.batch_size, max_tokens=embedder.max_batch_tokens
     )
+    held = max(len(batch) for batch in plan) * (embedder.workers if len(plan) > 1 else 1)
     del encoded
 
     def recipe() -> np.ndarray:
@@ -353,7 +352,7 @@ def _bench_corpus(
         )
 
     recipe_result = result("recipe", 1)
-    fast_result = result("fast", largest_batch * embedder.workers)
+    fast_result = result("fast", held)
     return CorpusResult(
         items=len(items),
         recipe=recipe_result,

@@ -39,9 +39,10 @@ __all__ = ["DEFAULT_MODEL", "E5VEmbedder"]
 
 logger = logging.getLogger(__name__)
 
-#: Default padded tokens a batch by device type (``max_batch_tokens="auto"``). A CPU is
-#: compute-bound at small batches, and larger ones only cost memory (on the "small"
-#: benchmark model, 1024-token batches ran 1.5x faster per item than 4096-token ones).
+#: Default padded tokens in flight by device type (``max_batch_tokens="auto"``), shared
+#: by the CPU workers. A CPU is compute-bound at small batches, and larger ones only cost
+#: memory (on the "small" benchmark model, 1024-token batches ran 1.5x faster per item
+#: than 4096-token ones).
 AUTO_MAX_BATCH_TOKENS = {"cpu": 1024}
 GPU_MAX_BATCH_TOKENS = 16384
 #: Texts longer than this many tokens are cut (with a warning) before prompting.
@@ -75,7 +76,8 @@ class E5VEmbedder:
     these options; an unchanged input is then served from disk without running the model.
 
     Batches hold at most ``batch_size`` items and ``max_batch_tokens`` padded tokens
-    (``"auto"``: 1024 on a CPU, 16384 elsewhere; ``None``: no token limit). They are
+    (``"auto"``: 16384 on an accelerator; on a CPU 1024 shared by the workers, so 512 a
+    batch with two; ``None``: no token limit). They are
     planned over the whole call, longest first, from token counts known before any
     image is decoded (exact for text, and for images from their size in the file
     header; a URI counts as the grid's largest image). With
@@ -85,8 +87,9 @@ class E5VEmbedder:
     only slows it down (2x on images on a 2-core machine). On a CPU, ``workers=N``
     runs N batches at once, each prepared and forwarded on its own thread with an
     equal share of torch's threads: one batch's preparation and per-operation overhead
-    overlap another's compute, faster on small models at N times the activation
-    memory (off by default). Accelerators run one batch at a time.
+    overlap another's compute (off by default: a few MiB more for the threads, see the
+    README); a call of one batch (a query) runs on the calling thread with all of
+    torch's threads. Accelerators run one batch at a time.
     The same checkpoint loaded twice with the same options is shared, not reloaded.
     """
 
@@ -143,11 +146,11 @@ class E5VEmbedder:
                 model_kwargs=model_kwargs,
                 adapter=adapter,
             )
-        self.max_batch_tokens = _batch_token_budget(max_batch_tokens, self._loaded.input_device)
-        self.prepare_ahead = self._loaded.input_device.type != "cpu" if prepare_ahead is None else prepare_ahead
         if workers > 1 and self._loaded.input_device.type != "cpu":
             raise ValueError(f"workers={workers} runs batches side by side on CPU threads, not on {self.device}")
         self.workers = workers
+        self.max_batch_tokens = _batch_token_budget(max_batch_tokens, self._loaded.input_device, workers)
+        self.prepare_ahead = self._loaded.input_device.type != "cpu" if prepare_ahead is None else prepare_ahead
         self._images = ImageLoader(max_image_pixels=max_image_pixels, allow_remote=allow_remote)
         self.cache = cache if isinstance(cache, EmbeddingCache) or cache is None else EmbeddingCache(cache)
         self._identity = "|".join(
@@ -352,7 +355,7 @@ class E5VEmbedder:
         self, batches: list[list[Request]], bodies: dict[str, str]
     ) -> Iterator[tuple[list[tuple[Any, ...]], np.ndarray]]:
         """Each batch's request keys and vectors, in order."""
-        if self.workers > 1:
+        if self.workers > 1 and len(batches) > 1:
             yield from self._parallel_batches(batches, bodies)
             return
         for prepared in self._prepared_batches(batches, bodies):
@@ -498,9 +501,10 @@ def _quantization_kwargs(
     return {**(model_kwargs or {}), "quantization_config": config}
 
 
-def _batch_token_budget(option: int | str | None, device: torch.device) -> int | None:
+def _batch_token_budget(option: int | str | None, device: torch.device, workers: int) -> int | None:
+    """``"auto"``: the device's tokens in flight, an equal share for each worker's batch."""
     if option == "auto":
-        return AUTO_MAX_BATCH_TOKENS.get(device.type, GPU_MAX_BATCH_TOKENS)
+        return max(1, AUTO_MAX_BATCH_TOKENS.get(device.type, GPU_MAX_BATCH_TOKENS) // workers)
     if option is not None and (not isinstance(option, int) or option < 1):
         raise ValueError(f"max_batch_tokens must be 'auto', None or at least 1, got {option!r}")
     return option

@@ -38,7 +38,8 @@ def register(subparsers: Any) -> None:
         "--max-batch-tokens",
         type=_token_budget,
         default="auto",
-        help="fast path padded tokens per forward pass: a number, 'auto' (1024 on CPU, 16384 on GPU) or 'none'",
+        help="fast path padded tokens per forward pass: a number, 'auto' (16384 on GPU; on CPU 1024 shared "
+        "by the workers) or 'none'",
     )
     group.add_argument(
         "--workers",

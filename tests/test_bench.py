@@ -55,6 +55,31 @@ def test_memory_is_measured_on_its_own_pass_and_timed_runs_keep_the_heap(tiny_pa
     assert starts == ["cpu", "cpu"]  # one memory pass per path, no trim around the 2 x 3 timed runs
 
 
+def test_the_warm_up_runs_the_workers_before_any_measurement(tiny_path, monkeypatch):
+    """Worker threads' one-time costs (their allocator arenas) stay out of the memory pass."""
+    import threading
+
+    from e5v import bench
+
+    threads_seen: list[str] = []
+    at_first_start: list[set[str]] = []
+    forward, measure = runner.forward, bench._Memory.start
+
+    def recording_forward(loaded, batch):
+        threads_seen.append(threading.current_thread().name.split("_")[0])
+        return forward(loaded, batch)
+
+    def start(memory):
+        if not at_first_start:
+            at_first_start.append(set(threads_seen))
+        measure(memory)
+
+    monkeypatch.setattr(runner, "forward", recording_forward)
+    monkeypatch.setattr(bench._Memory, "start", start)
+    run_bench(tiny_path, device="cpu", workers=2, texts=2, images=0, mixed=0, repeats=1)
+    assert at_first_start == [{"e5v-worker"}]
+
+
 def test_corpus_is_deterministic_unique_and_of_many_sizes():
     first, again = make_corpus(10, 8, 6, seed=3), make_corpus(10, 8, 6, seed=3)
     assert first["texts"] == again["texts"]

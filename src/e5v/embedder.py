@@ -87,8 +87,8 @@ class E5VEmbedder:
     only slows it down (2x on images on a 2-core machine). On a CPU, ``workers=N``
     runs N batches at once, each prepared and forwarded on its own thread with an
     equal share of torch's threads: one batch's preparation and per-operation overhead
-    overlap another's compute (off by default: a few MiB more for the threads, see the
-    README); a call of one batch (a query) runs on the calling thread with all of
+    overlap another's compute (off by default; measured in the README's Performance
+    section); a call of one batch (a query) runs on the calling thread with all of
     torch's threads. Accelerators run one batch at a time.
     The same checkpoint loaded twice with the same options is shared, not reloaded.
     """

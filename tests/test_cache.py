@@ -23,8 +23,8 @@ def no_model(monkeypatch):
         raise AssertionError("the model ran on a cache hit")
 
     def install():
-        monkeypatch.setattr(runner, "encode", refuse)
-        monkeypatch.setattr(runner, "forward", refuse)
+        for step in ("process_images", "tokenize", "forward"):
+            monkeypatch.setattr(runner, step, refuse)
 
     return install
 

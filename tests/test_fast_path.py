@@ -74,18 +74,18 @@ class Calls:
         self.encoded: list[str] = []
         self.forwarded: list[int] = []
         self.encode_threads: set[str] = set()
-        encode, forward = runner.encode, runner.forward
+        tokenize, forward = runner.tokenize, runner.forward
 
-        def counting_encode(loaded, prompt, images, **options):
+        def counting_tokenize(loaded, prompt, pixels):
             self.encoded.append(prompt)
             self.encode_threads.add(threading.current_thread().name)
-            return encode(loaded, prompt, images, **options)
+            return tokenize(loaded, prompt, pixels)
 
         def counting_forward(loaded, batch):
             self.forwarded.append(len(batch))
             return forward(loaded, batch)
 
-        monkeypatch.setattr(runner, "encode", counting_encode)
+        monkeypatch.setattr(runner, "tokenize", counting_tokenize)
         monkeypatch.setattr(runner, "forward", counting_forward)
 
 
@@ -109,12 +109,12 @@ def test_preparation_runs_on_a_worker_exactly_one_batch_ahead(tiny_path, monkeyp
     encoded: list[str] = []
     encoded_at_forward: list[int] = []
     waited: list[bool] = []
-    encode, forward = runner.encode, runner.forward
+    tokenize, forward = runner.tokenize, runner.forward
 
-    def watching_encode(loaded, prompt, images, **options):
+    def watching_tokenize(loaded, prompt, pixels):
         if "text number 1" in prompt:
             second_batch.set()
-        result = encode(loaded, prompt, images, **options)
+        result = tokenize(loaded, prompt, pixels)
         encoded.append(prompt)
         return result
 
@@ -124,7 +124,7 @@ def test_preparation_runs_on_a_worker_exactly_one_batch_ahead(tiny_path, monkeyp
         encoded_at_forward.append(len(encoded))
         return forward(loaded, batch)
 
-    monkeypatch.setattr(runner, "encode", watching_encode)
+    monkeypatch.setattr(runner, "tokenize", watching_tokenize)
     monkeypatch.setattr(runner, "forward", waiting_forward)
     embedder.embed_texts(texts)
     assert waited == [True]
@@ -384,3 +384,37 @@ def test_workers_are_checked_and_off_by_default(tiny_path):
     for bad in (0, -1, "two"):
         with pytest.raises(ValueError, match="workers"):
             E5VEmbedder(tiny_path, workers=bad)
+
+
+def test_prepared_ahead_a_batch_of_images_is_processed_on_threads_with_the_same_vectors(tiny_path, photos, monkeypatch):
+    """Preparing ahead (as on a GPU), prompts' images go through the image processor side
+    by side; the vectors do not change. Preparing in turn (a CPU), on the calling thread."""
+    from e5v import embedder as embedder_module
+
+    items = [photos["cat"], Composed(photos["cat"], "at night"), photos["rocket"], photos["text"], "a dog"]
+    monkeypatch.setattr(embedder_module, "_image_threads", lambda: 1)
+    serial = E5VEmbedder(tiny_path, batch_size=5, max_batch_tokens=None, prepare_ahead=True).embed(items)
+    threads: list[str] = []
+    two_at_once = threading.Barrier(2, timeout=30)  # broken (the test fails) if run one at a time
+    process_images = runner.process_images
+
+    def recording(loaded, images, **options):
+        threads.append(threading.current_thread().name)
+        if len(threads) <= 2:
+            two_at_once.wait()
+        return process_images(loaded, images, **options)
+
+    monkeypatch.setattr(embedder_module, "_image_threads", lambda: 3)
+    monkeypatch.setattr(runner, "process_images", recording)
+    threaded = E5VEmbedder(tiny_path, batch_size=5, max_batch_tokens=None, prepare_ahead=True).embed(items)
+    assert len(threads) == 5 and all(name.startswith("e5v-images") for name in threads)
+    np.testing.assert_array_equal(threaded, serial)
+    calling: set[str] = set()
+
+    def in_turn(loaded, images, **options):
+        calling.add(threading.current_thread().name)
+        return process_images(loaded, images, **options)
+
+    monkeypatch.setattr(runner, "process_images", in_turn)
+    E5VEmbedder(tiny_path, batch_size=5, max_batch_tokens=None).embed(items)
+    assert calling == {threading.current_thread().name}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -45,6 +46,8 @@ logger = logging.getLogger(__name__)
 #: than 4096-token ones).
 AUTO_MAX_BATCH_TOKENS = {"cpu": 1024}
 GPU_MAX_BATCH_TOKENS = 16384
+#: Most threads that run the image processor on one batch's prompts at once.
+MAX_IMAGE_THREADS = 8
 #: Texts longer than this many tokens are cut (with a warning) before prompting.
 DEFAULT_MAX_TEXT_TOKENS = 2048
 
@@ -82,7 +85,8 @@ class E5VEmbedder:
     image is decoded (exact for text, and for images from their size in the file
     header; a URI counts as the grid's largest image). With
     ``prepare_ahead`` each batch is prepared (decoded, tiled, tokenised) on a worker
-    thread while the model runs the one before; ``None`` turns it on for accelerators
+    thread while the model runs the one before, its images processed on up to
+    :data:`MAX_IMAGE_THREADS` threads at once; ``None`` turns it on for accelerators
     and off on a CPU, where the model already uses every core and a preparing thread
     only slows it down (2x on images on a 2-core machine). On a CPU, ``workers=N``
     runs N batches at once, each prepared and forwarded on its own thread with an
@@ -403,26 +407,42 @@ class E5VEmbedder:
 
     def _prepared_batches(self, batches: list[list[Request]], bodies: dict[str, str]) -> Iterator[_Prepared]:
         """Prepare batches in turn, or with ``prepare_ahead`` on a worker thread, one batch
-        ahead of the model."""
+        ahead of the model and with a batch's images processed on several threads (on an
+        accelerator the host's preparation, not the model, can be what limits the rate)."""
         if not self.prepare_ahead:
             yield from (self._prepare(batch, bodies) for batch in batches)
             return
+        threads = _image_threads()
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="e5v-prepare") as pool:
-            pending: Future[_Prepared] = pool.submit(self._prepare, batches[0], bodies)
+            pending: Future[_Prepared] = pool.submit(self._prepare, batches[0], bodies, threads)
             for following in batches[1:]:
                 current = pending.result()
-                pending = pool.submit(self._prepare, following, bodies)
+                pending = pool.submit(self._prepare, following, bodies, threads)
                 yield current
             yield pending.result()
 
-    def _prepare(self, requests: Sequence[Request], bodies: dict[str, str]) -> _Prepared:
+    def _prepare(self, requests: Sequence[Request], bodies: dict[str, str], image_threads: int = 1) -> _Prepared:
+        """Encode a batch: images decoded in turn (two prompts may share one source) and
+        processed on up to ``image_threads`` threads, prompts tokenised in turn."""
+        decoding = threading.Lock()
+
+        def pixels_of(request: Request) -> runner.Pixels | None:
+            with decoding:
+                images = [self._images.load(image, request.index) for image in request.images]
+            return runner.process_images(self._loaded, images, max_image_tiles=self.max_image_tiles)
+
+        threads = min(image_threads, sum(1 for request in requests if request.images))
+        if threads > 1:
+            with ThreadPoolExecutor(threads, thread_name_prefix="e5v-images") as pool:
+                pixels = list(pool.map(pixels_of, requests))
+        else:
+            pixels = [pixels_of(request) for request in requests]
         keys, encoded = [], []
-        for request in requests:
-            images = [self._images.load(image, request.index) for image in request.images]
+        for request, request_pixels in zip(requests, pixels):
             text = self._truncate(request.text, request.index) if request.kind != "image" else ""
             prompt = self.prompts.wrap(fill(bodies[request.kind], text))
             keys.append(request.key())
-            encoded.append(runner.encode(self._loaded, prompt, images, max_image_tiles=self.max_image_tiles))
+            encoded.append(runner.tokenize(self._loaded, prompt, request_pixels))
         return _Prepared(keys, encoded)
 
     def _truncate(self, text: str, index: int) -> str:
@@ -459,6 +479,16 @@ class E5VEmbedder:
             logger.warning("out of GPU memory on a batch of %d; retrying in halves", len(batch))
             return np.concatenate([self._forward(batch[:half]), self._forward(batch[half:])])
         return _checked(vectors)
+
+
+def _image_threads() -> int:
+    """Threads for the image processor: the CPUs this process may use, at most
+    :data:`MAX_IMAGE_THREADS`."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_IMAGE_THREADS, cpus))
 
 
 def _checked(vectors: torch.Tensor) -> np.ndarray:

@@ -12,6 +12,11 @@ Images are tiled on E5-V's anyres grid (``config.image_grid_pinpoints``) unless 
 budget is given (:func:`image_grid`): each :class:`Encoded` carries the grid its tiles
 were cut for, and the forward packs the image features for that grid, so the processor
 and the model always agree without touching the shared model's config.
+
+:func:`encode` is two steps: :func:`process_images` (the image processor: resizing,
+tiling, normalising; safe to run for several prompts at once on threads) and
+:func:`tokenize` (the prompt, each ``<image>`` slot expanded to its image's feature
+count; the tokenizer must not be called from two threads at once).
 """
 
 from __future__ import annotations
@@ -28,11 +33,14 @@ from e5v.prompts import IMAGE_TOKEN
 __all__ = [
     "Encoded",
     "Grid",
+    "Pixels",
     "encode",
     "forward",
     "image_grid",
     "image_token_count",
     "max_image_token_count",
+    "process_images",
+    "tokenize",
     "vision_layers_run",
 ]
 
@@ -53,6 +61,18 @@ class Encoded:
     @property
     def length(self) -> int:
         return int(self.input_ids.shape[0])
+
+
+@dataclass
+class Pixels:
+    """One prompt's images, processed for ``grid``: every tile in order, and per image its
+    (height, width), its tile count and its ``<image>`` feature count."""
+
+    pixel_values: torch.Tensor  # (tiles, 3, H, W)
+    image_sizes: torch.Tensor  # (images, 2)
+    tiles: tuple[int, ...]
+    features: tuple[int, ...]
+    grid: Grid
 
 
 def image_grid(loaded: LoadedModel, max_image_tiles: int | None = None) -> Grid:
@@ -93,43 +113,39 @@ def encode(
     loaded: LoadedModel, prompt: str, images: Sequence[Image.Image], *, max_image_tiles: int | None = None
 ) -> Encoded:
     """Run the processor on one prompt and its images (one ``<image>`` slot each)."""
+    return tokenize(loaded, prompt, process_images(loaded, images, max_image_tiles=max_image_tiles))
+
+
+def process_images(
+    loaded: LoadedModel, images: Sequence[Image.Image], *, max_image_tiles: int | None = None
+) -> Pixels | None:
+    """The image processor on one prompt's images, tiled on the model's anyres grid (or
+    the grid ``max_image_tiles`` allows); ``None`` for no images."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
     if not images:
-        return Encoded(loaded.processor(text=[prompt], return_tensors="pt")["input_ids"][0], None, None)
-    if max_image_tiles is None:
-        return _encode_full(loaded, prompt, images)
-    return _encode_budget(loaded, prompt, images, image_grid(loaded, max_image_tiles))
-
-
-def _encode_full(loaded: LoadedModel, prompt: str, images: Sequence[Image.Image]) -> Encoded:
-    """The processor as the official recipe runs it, on the model's full anyres grid."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-    grid = image_grid(loaded)
-    size = loaded.model.config.vision_config.image_size
-    batch = loaded.processor(text=[prompt], images=list(images), return_tensors="pt")
-    sizes = batch["image_sizes"]
-    tiles = tuple(image_size_to_num_patches(sizes[i], [list(p) for p in grid], size) for i in range(len(images)))
-    pixel_values = torch.cat([batch["pixel_values"][i, :count] for i, count in enumerate(tiles)], dim=0)
-    return Encoded(batch["input_ids"][0], pixel_values, sizes, tiles, grid)
-
-
-def _encode_budget(loaded: LoadedModel, prompt: str, images: Sequence[Image.Image], grid: Grid) -> Encoded:
-    """Tiles on a reduced grid; ``<image>`` slots expanded to the matching feature counts."""
-    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
+        return None
+    grid = image_grid(loaded, max_image_tiles)
     size = loaded.model.config.vision_config.image_size
     pinpoints = [list(p) for p in grid] or [[size, size]]  # base only: the cheapest grid, base tile kept
     batch = loaded.processor.image_processor(images=list(images), image_grid_pinpoints=pinpoints, return_tensors="pt")
     sizes = batch["image_sizes"]
     tiles = tuple(image_size_to_num_patches(s, pinpoints, size) if grid else 1 for s in sizes)
     pixel_values = torch.cat([batch["pixel_values"][i, :count] for i, count in enumerate(tiles)], dim=0)
+    features = tuple(image_token_count(loaded, int(h), int(w), grid) for h, w in sizes.tolist())
+    return Pixels(pixel_values, sizes, tiles, features, grid)
+
+
+def tokenize(loaded: LoadedModel, prompt: str, pixels: Pixels | None) -> Encoded:
+    """The prompt's token ids, each ``<image>`` slot expanded to its image's features."""
+    if pixels is None:
+        return Encoded(loaded.processor.tokenizer(prompt, return_tensors="pt")["input_ids"][0], None, None)
     pieces = prompt.split(IMAGE_TOKEN)
-    if len(pieces) != len(images) + 1:
-        raise ValueError(f"prompt has {len(pieces) - 1} {IMAGE_TOKEN} slots for {len(images)} images")
-    counts = [image_token_count(loaded, int(h), int(w), grid) for h, w in sizes.tolist()]
-    expanded = pieces[0] + "".join(IMAGE_TOKEN * n + piece for n, piece in zip(counts, pieces[1:]))
+    if len(pieces) != len(pixels.features) + 1:
+        raise ValueError(f"prompt has {len(pieces) - 1} {IMAGE_TOKEN} slots for {len(pixels.features)} images")
+    expanded = pieces[0] + "".join(IMAGE_TOKEN * n + piece for n, piece in zip(pixels.features, pieces[1:]))
     input_ids = loaded.processor.tokenizer(expanded, return_tensors="pt")["input_ids"][0]
-    return Encoded(input_ids, pixel_values, sizes, tiles, grid)
+    return Encoded(input_ids, pixels.pixel_values, pixels.image_sizes, pixels.tiles, pixels.grid)
 
 
 def forward(loaded: LoadedModel, batch: Sequence[Encoded]) -> torch.Tensor:

@@ -34,7 +34,10 @@ layers that run (up to the one the features are read from: 23 of CLIP-L's 24 for
     projector    = 2*(T-1)*(d_v*d + d*d)            (per tile)
     decoder      = L * (2*n*(2*d^2 + 2*d*d_kv + 3*d*i) + 2*n^2*d)   (causal attention)
 
-``fraction_of_peak`` divides the achieved FLOP/s by the device's dense bf16 peak.
+``fraction_of_peak`` divides the achieved FLOP/s by the device's dense bf16 peak. Each
+corpus also times the fast path's stages apart: preparing every item on one thread, and
+the model alone on the prepared batches (``model_fraction_of_peak``), which tells a
+model-bound run from one that waits on the host.
 """
 
 from __future__ import annotations
@@ -102,6 +105,12 @@ class CorpusResult:
     fast: PathResult
     speedup: float
     max_abs_diff: float
+    #: The fast path's two stages apart: preparing every item on one thread (image
+    #: processor, tokenizer), and the model alone on the prepared batches (median).
+    prepare_seconds: float
+    model_seconds: float
+    model_tflops_per_s: float
+    model_fraction_of_peak: float | None
 
 
 @dataclass
@@ -304,20 +313,21 @@ def _timed(run: Callable[[], np.ndarray], device: torch.device) -> tuple[float, 
     return time.perf_counter() - start, vectors
 
 
+def _model_alone(loaded: LoadedModel, batches: list[list[runner.Encoded]], repeats: int, device: torch.device) -> float:
+    """Median seconds of the fast path's model alone over prepared batches."""
+
+    def run() -> np.ndarray:
+        with torch.inference_mode():
+            return np.concatenate([runner.forward(loaded, batch).cpu().numpy() for batch in batches])
+
+    return statistics.median(_timed(run, device)[0] for _ in range(repeats))
+
+
 def _bench_corpus(
     embedder: E5VEmbedder, items: list[Any], repeats: int, peak: float | None, memory: _Memory
 ) -> CorpusResult:
     loaded = embedder._loaded
     inputs = _recipe_inputs(embedder, items)
-    encoded = [runner.encode(loaded, prompt, images) for prompt, images in inputs]
-    flops = model_flops(loaded, encoded)
-    # The fast path plans on token bounds, never above the exact lengths: this is the most it
-    # holds, in each worker's batch when there is more than one batch.
-    plan = plan_batches(
-        [item.length for item in encoded], max_items=embedder.batch_size, max_tokens=embedder.max_batch_tokens
-    )
-    held = max(len(batch) for batch in plan) * (embedder.workers if len(plan) > 1 else 1)
-    del encoded
 
     def recipe() -> np.ndarray:
         return np.stack([official_embedding(loaded.model, loaded.processor, p, i) for p, i in inputs])
@@ -328,6 +338,18 @@ def _bench_corpus(
     # Warm-up of both paths outside every measurement; two batches, so that workers start too.
     embedder.embed(items[:2], batch_size=1)
     np.stack([official_embedding(loaded.model, loaded.processor, p, i) for p, i in inputs[:2]])
+    start = time.perf_counter()
+    encoded = [runner.encode(loaded, prompt, images) for prompt, images in inputs]
+    prepare_seconds = time.perf_counter() - start
+    flops = model_flops(loaded, encoded)
+    # The fast path plans on token bounds, never above the exact lengths: this is the most it
+    # holds, in each worker's batch when there is more than one batch.
+    plan = plan_batches(
+        [item.length for item in encoded], max_items=embedder.batch_size, max_tokens=embedder.max_batch_tokens
+    )
+    held = max(len(batch) for batch in plan) * (embedder.workers if len(plan) > 1 else 1)
+    model_seconds = _model_alone(loaded, [[encoded[i] for i in batch] for batch in plan], repeats, memory.device)
+    del encoded
     # An untimed pass of each path measures its peak memory; the timed repeats then run
     # as in a long-running process, keeping freed memory for reuse.
     peaks = {name: _measured(run, memory) for name, run in (("recipe", recipe), ("fast", fast))}
@@ -360,6 +382,10 @@ def _bench_corpus(
         fast=fast_result,
         speedup=recipe_result.seconds / fast_result.seconds,
         max_abs_diff=float(np.abs(vectors["recipe"] - vectors["fast"]).max()),
+        prepare_seconds=prepare_seconds,
+        model_seconds=model_seconds,
+        model_tflops_per_s=flops / model_seconds / 1e12,
+        model_fraction_of_peak=None if peak is None else flops / model_seconds / 1e12 / peak,
     )
 
 
@@ -507,6 +533,12 @@ def format_report(report: BenchReport) -> str:
                 f"images, {label}: {path.tflops_per_s:.3f} TFLOP/s{share}; "
                 f"activation memory {mb(path.activation_mb_per_item)} MiB per image"
             )
+        share = "" if images.model_fraction_of_peak is None else f", {images.model_fraction_of_peak:.1%}"
+        lines.append(
+            f"images, fast, model alone on prepared batches: {images.model_seconds:.2f} s, "
+            f"{images.model_tflops_per_s:.3f} TFLOP/s{share}; preparing them on one thread: "
+            f"{images.prepare_seconds:.2f} s"
+        )
     if report.cache is not None:
         c = report.cache
         lines += [

@@ -7,7 +7,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -412,18 +412,22 @@ class E5VEmbedder:
         if not self.prepare_ahead:
             yield from (self._prepare(batch, bodies) for batch in batches)
             return
-        threads = _image_threads()
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="e5v-prepare") as pool:
-            pending: Future[_Prepared] = pool.submit(self._prepare, batches[0], bodies, threads)
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="e5v-prepare") as pool,
+            ThreadPoolExecutor(_image_threads(), thread_name_prefix="e5v-images") as image_pool,
+        ):
+            pending: Future[_Prepared] = pool.submit(self._prepare, batches[0], bodies, image_pool)
             for following in batches[1:]:
                 current = pending.result()
-                pending = pool.submit(self._prepare, following, bodies, threads)
+                pending = pool.submit(self._prepare, following, bodies, image_pool)
                 yield current
             yield pending.result()
 
-    def _prepare(self, requests: Sequence[Request], bodies: dict[str, str], image_threads: int = 1) -> _Prepared:
+    def _prepare(
+        self, requests: Sequence[Request], bodies: dict[str, str], image_pool: Executor | None = None
+    ) -> _Prepared:
         """Encode a batch: images decoded in turn (two prompts may share one source) and
-        processed on up to ``image_threads`` threads, prompts tokenised in turn."""
+        processed on ``image_pool``'s threads if given, prompts tokenised in turn."""
         decoding = threading.Lock()
 
         def pixels_of(request: Request) -> runner.Pixels | None:
@@ -431,10 +435,8 @@ class E5VEmbedder:
                 images = [self._images.load(image, request.index) for image in request.images]
             return runner.process_images(self._loaded, images, max_image_tiles=self.max_image_tiles)
 
-        threads = min(image_threads, sum(1 for request in requests if request.images))
-        if threads > 1:
-            with ThreadPoolExecutor(threads, thread_name_prefix="e5v-images") as pool:
-                pixels = list(pool.map(pixels_of, requests))
+        if image_pool is not None:
+            pixels = list(image_pool.map(pixels_of, requests))
         else:
             pixels = [pixels_of(request) for request in requests]
         keys, encoded = [], []

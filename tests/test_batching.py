@@ -1,6 +1,9 @@
-"""Token-budget batching: budgets respected, long items alone, every index exactly once."""
+"""Token-budget batching: budgets respected, long items alone, every index exactly once,
+and the cheapest split of the longest-first order (padded tokens plus a cost a batch)."""
 
 from __future__ import annotations
+
+import itertools
 
 import pytest
 from hypothesis import given
@@ -27,6 +30,46 @@ def test_budgets_coverage_and_order(costs, max_items, max_tokens):
     assert flat == sorted(flat, reverse=True)  # similar lengths batched together
 
 
+def _cost(costs, batches, batch_cost):
+    return sum(len(batch) * max(costs[i] for i in batch) + batch_cost for batch in batches)
+
+
+@given(
+    costs=st.lists(st.integers(1, 300), max_size=9),
+    max_items=st.integers(1, 5),
+    max_tokens=st.one_of(st.none(), st.integers(1, 900)),
+    batch_cost=st.integers(0, 400),
+)
+def test_cheapest_split_of_the_longest_first_order(costs, max_items, max_tokens, batch_cost):
+    batches = plan_batches(costs, max_items=max_items, max_tokens=max_tokens, batch_cost=batch_cost)
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    cheapest = None
+    for cuts in itertools.product([False, True], repeat=max(len(order) - 1, 0)):
+        split, current = [], order[:1]
+        for index, cut in zip(order[1:], cuts):
+            if cut:
+                split.append(current)
+                current = []
+            current.append(index)
+        split += [current] if current else []
+        fits = all(
+            len(batch) <= max_items
+            and (len(batch) == 1 or max_tokens is None or len(batch) * costs[batch[0]] <= max_tokens)
+            for batch in split
+        )
+        if fits and (cheapest is None or _cost(costs, split, batch_cost) < cheapest):
+            cheapest = _cost(costs, split, batch_cost)
+    assert _cost(costs, batches, batch_cost) == (cheapest or 0)
+
+
+def test_a_short_item_is_not_padded_to_long_ones():
+    # Greedy filling would pad the 96-token text to 266 beside two images; a batch more costs less.
+    costs = [266, 266, 96, 86, 85]
+    assert plan_batches(costs, max_items=16, max_tokens=1024, batch_cost=128) == [[0, 1], [2, 3, 4]]
+    # With a forward's fixed cost above the padding saved, one batch is cheaper.
+    assert plan_batches(costs, max_items=16, max_tokens=2048, batch_cost=600) == [[0, 1, 2, 3, 4]]
+
+
 def test_item_over_the_token_budget_goes_alone():
     assert plan_batches([10, 900, 10, 10], max_items=4, max_tokens=100) == [[1], [0, 2, 3]]
 
@@ -45,6 +88,8 @@ def test_empty_and_invalid_budgets():
         plan_batches([1], max_items=0)
     with pytest.raises(ValueError, match="max_tokens"):
         plan_batches([1], max_items=1, max_tokens=0)
+    with pytest.raises(ValueError, match="batch_cost"):
+        plan_batches([1], max_items=1, batch_cost=-1)
 
 
 def test_chunked():

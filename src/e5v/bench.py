@@ -38,10 +38,6 @@ layers that run (up to the one the features are read from: 23 of CLIP-L's 24 for
 corpus also times the fast path's stages apart: preparing every item on one thread, and
 the model alone on the prepared batches (``model_fraction_of_peak``), which tells a
 model-bound run from one that waits on the host.
-
-``forward_cost`` fits a forward's time as a fixed cost plus a cost a token, from one text
-alone up to the same text as a full batch: the fixed cost in tokens' worth is what the batch
-planner assumes (:data:`e5v.batching.BATCH_COST_TOKENS`), here measured for the device.
 """
 
 from __future__ import annotations
@@ -62,7 +58,7 @@ import torch
 from PIL import Image
 
 from e5v import runner
-from e5v.batching import BATCH_COST_TOKENS, plan_batches
+from e5v.batching import plan_batches
 from e5v.embedder import E5VEmbedder
 from e5v.errors import E5VError
 from e5v.inputs import Composed, ImageLoader
@@ -118,18 +114,6 @@ class CorpusResult:
 
 
 @dataclass
-class ForwardCost:
-    """A forward's time as ``fixed_ms + per_token_ms * tokens``, fitted on batches of one text."""
-
-    tokens_a_text: int
-    batch_items: int
-    fixed_ms: float
-    per_token_ms: float
-    batch_cost_tokens: float  # fixed_ms / per_token_ms: compare with BATCH_COST_TOKENS
-    planner_batch_cost_tokens: int = BATCH_COST_TOKENS
-
-
-@dataclass
 class CacheResult:
     items: int
     cold_seconds: float
@@ -151,7 +135,6 @@ class BenchReport:
     repeats: int
     peak_tflops: float | None
     corpora: dict[str, CorpusResult] = field(default_factory=dict)
-    forward_cost: ForwardCost | None = None
     cache: CacheResult | None = None
 
     def to_dict(self) -> dict[str, Any]:
@@ -340,39 +323,6 @@ def _model_alone(loaded: LoadedModel, batches: list[list[runner.Encoded]], repea
     return statistics.median(_timed(run, device)[0] for _ in range(repeats))
 
 
-def _forward_cost(embedder: E5VEmbedder, texts: list[str], repeats: int, device: torch.device) -> ForwardCost:
-    """Fit a forward's fixed and per-token cost by least squares on the median-length text
-    in batches from one item up to as many as the embedder's budgets allow (the fastest of
-    several runs of each: interference only ever adds time)."""
-    loaded = embedder._loaded
-    encoded = sorted(
-        (runner.encode(loaded, prompt, images) for prompt, images in _recipe_inputs(embedder, texts)),
-        key=lambda item: item.length,
-    )
-    text = encoded[len(encoded) // 2]
-    budget = embedder.max_batch_tokens
-    items = max(2, min(embedder.batch_size, (budget or embedder.batch_size * text.length) // text.length))
-    sizes = sorted({1, max(1, items // 4), max(1, items // 2), items})
-    seconds = []
-    for size in sizes:
-
-        def run(batch: list[runner.Encoded] = [text] * size) -> np.ndarray:
-            with torch.inference_mode():
-                return runner.forward(loaded, batch).cpu().numpy()
-
-        run()
-        seconds.append(min(_timed(run, device)[0] for _ in range(2 * repeats + 1)))
-    per_token, fixed = np.polyfit([size * text.length for size in sizes], seconds, 1)
-    per_token, fixed = max(float(per_token), 1e-12), max(float(fixed), 0.0)
-    return ForwardCost(
-        tokens_a_text=text.length,
-        batch_items=items,
-        fixed_ms=fixed * 1e3,
-        per_token_ms=per_token * 1e3,
-        batch_cost_tokens=fixed / per_token,
-    )
-
-
 def _bench_corpus(
     embedder: E5VEmbedder, items: list[Any], repeats: int, peak: float | None, memory: _Memory
 ) -> CorpusResult:
@@ -516,8 +466,6 @@ def run_bench(
         if items:
             logger.info("benchmarking %d %s", len(items), name)
             report.corpora[name] = _bench_corpus(embedder, items, repeats, peak, memory)
-            if name == "texts":
-                report.forward_cost = _forward_cost(embedder, items, repeats, resolved)
     if cache and mixed:
         report.cache = _bench_cache(loaded, make_corpus(0, 0, mixed, seed=seed + 1)["mixed"], batch_size)
     return report
@@ -591,14 +539,6 @@ def format_report(report: BenchReport) -> str:
             f"{images.model_tflops_per_s:.3f} TFLOP/s{share}; preparing them on one thread: "
             f"{images.prepare_seconds:.2f} s"
         )
-    cost = report.forward_cost
-    if cost is not None:
-        lines += [
-            "",
-            f"a forward: {cost.fixed_ms:.1f} ms + {cost.per_token_ms:.4f} ms a token (batches of 1 to "
-            f"{cost.batch_items} texts of {cost.tokens_a_text} tokens), so a batch costs "
-            f"{cost.batch_cost_tokens:,.0f} tokens' worth; the planner assumes {cost.planner_batch_cost_tokens}",
-        ]
     if report.cache is not None:
         c = report.cache
         lines += [

@@ -46,7 +46,7 @@ def plan_batches(
             ((stop - start) * width + batch_cost + best[stop], stop) for stop in range(min(n, start + fits), start, -1)
         ]
         best[start], end[start] = min(candidates, key=lambda candidate: candidate[0])
-    batches = []
+    batches: list[list[int]] = []
     start = 0
     while start < n:
         batches.append(order[start : end[start]])

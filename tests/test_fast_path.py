@@ -309,6 +309,27 @@ def test_full_size_spec_code_path_on_a_reduced_model(photos):
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-3)
 
 
+@pytest.mark.full_widths
+def test_fast_path_equals_the_recipe_at_e5v_full_widths(photos):
+    """E5-V's real shapes but for depth: Llama-3-8B's layers (4096 wide, 32 heads of 128 over 8
+    KV heads, MLP 14336) 2 deep instead of 32, its 128256-token vocabulary with <image> one
+    past the table, CLIP ViT-L/14-336 whole, anyres at 336 px (a photo is ~1500 tokens).
+    About 10 GB of RAM in float32 and 3 minutes on 2 cores, so deselected by default (run it
+    with ``-m full_widths``; ``.ci/device-bench`` runs it on the GPU machine's CPU)."""
+    from e5v.loading import add_image_token_row
+    from e5v.testing import build_random_model, spec_with
+
+    loaded = build_random_model(spec_with("e5v-8b", num_hidden_layers=2), device="cpu", dtype="float32")
+    items = ["A cat sleeps on a warm windowsill.", photos["cat"], Composed(photos["rocket"], "at night")]
+    embedder = E5VEmbedder(loaded)
+    fast = embedder.embed(items)
+    add_image_token_row(loaded.model)  # the recipe's own fix for the published checkpoint
+    expected = recipe_vectors(embedder, loaded.model, loaded.processor, items)
+    np.testing.assert_allclose(fast, expected, atol=TOL, rtol=0)
+    assert fast.shape == (3, 4096)
+    assert abs(float(fast[1] @ fast[2])) < 0.99  # distinct inputs, distinct vectors
+
+
 def test_workers_run_batches_side_by_side_with_a_share_of_torch_threads(tiny_path, monkeypatch):
     """The first forward waits until a second one has started: it only gets there if two
     batches run at once. Each worker runs with half the caller's torch threads, and the

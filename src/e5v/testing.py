@@ -48,6 +48,7 @@ __all__ = [
     "build_random_model",
     "build_tiny_checkpoint",
     "llava_next_config",
+    "spec_with",
 ]
 
 logger = logging.getLogger(__name__)

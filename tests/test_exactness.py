@@ -112,3 +112,17 @@ def test_bos_token_starts_every_prompt(pair):
 
     encoded = runner.encode(embedder._loaded, text_prompt("hello"), [])
     assert int(encoded.input_ids[0]) == processor.tokenizer.bos_token_id
+
+
+def test_a_batch_is_tokenised_as_the_official_processor_tokenises_each_prompt(pair, photos):
+    embedder, _, processor = pair
+    from e5v import runner
+
+    loaded = embedder._loaded
+    cat, rocket = rgb(photos["cat"]), rgb(photos["rocket"])
+    prompts = [text_prompt(TEXTS[2]), IMAGE_PROMPT, text_prompt("cat"), composed_prompt("make it red"), IMAGE_PROMPT]
+    images = [[], [cat], [], [rocket], [rocket]]
+    pixels = [runner.process_images(loaded, group) for group in images]
+    for prompt, group, encoded in zip(prompts, images, runner.tokenize(loaded, prompts, pixels), strict=True):
+        expected = processor(text=[prompt], images=group or None, return_tensors="pt")["input_ids"][0]
+        assert torch.equal(encoded.input_ids, expected)

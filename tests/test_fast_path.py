@@ -76,10 +76,10 @@ class Calls:
         self.encode_threads: set[str] = set()
         tokenize, forward = runner.tokenize, runner.forward
 
-        def counting_tokenize(loaded, prompt, pixels):
-            self.encoded.append(prompt)
+        def counting_tokenize(loaded, prompts, pixels):
+            self.encoded.extend(prompts)
             self.encode_threads.add(threading.current_thread().name)
-            return tokenize(loaded, prompt, pixels)
+            return tokenize(loaded, prompts, pixels)
 
         def counting_forward(loaded, batch):
             self.forwarded.append(len(batch))
@@ -111,11 +111,11 @@ def test_preparation_runs_on_a_worker_exactly_one_batch_ahead(tiny_path, monkeyp
     waited: list[bool] = []
     tokenize, forward = runner.tokenize, runner.forward
 
-    def watching_tokenize(loaded, prompt, pixels):
-        if "text number 1" in prompt:
+    def watching_tokenize(loaded, prompts, pixels):
+        if any("text number 1" in prompt for prompt in prompts):
             second_batch.set()
-        result = tokenize(loaded, prompt, pixels)
-        encoded.append(prompt)
+        result = tokenize(loaded, prompts, pixels)
+        encoded.extend(prompts)
         return result
 
     def waiting_forward(loaded, batch):

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from e5v import loading, runner
-from e5v.batching import plan_batches
+from e5v.batching import chunked, plan_batches
 from e5v.cache import EmbeddingCache, entry_key, image_digest, path_fingerprint
 from e5v.defaults import DEFAULT_MODEL
 from e5v.errors import EmbeddingError, InvalidInputError, ModelLoadError
@@ -48,6 +48,8 @@ AUTO_MAX_BATCH_TOKENS = {"cpu": 1024}
 GPU_MAX_BATCH_TOKENS = 16384
 #: Most threads that run the image processor on one batch's prompts at once.
 MAX_IMAGE_THREADS = 8
+#: Prompts tokenised in one call when bounding a call's token counts (their ids are dropped).
+_TOKENIZE_CHUNK = 1024
 #: Texts longer than this many tokens are cut (with a warning) before prompting.
 DEFAULT_MAX_TEXT_TOKENS = 2048
 
@@ -345,14 +347,15 @@ class E5VEmbedder:
         grid = runner.image_grid(self._loaded, self.max_image_tiles)
         largest = runner.max_image_token_count(self._loaded, grid)
         bounds = []
-        for request in requests:
-            prompt = self.prompts.wrap(fill(bodies[request.kind], request.text if request.kind != "image" else ""))
-            count = len(tokenizer(prompt)["input_ids"])
-            for image in request.images:
-                size = self._images.peek_size(image)
-                features = largest if size is None else runner.image_token_count(self._loaded, *size, grid)
-                count += features - 1  # the <image> slot becomes its features
-            bounds.append(count)
+        for chunk in chunked(requests, _TOKENIZE_CHUNK):
+            prompts = [self.prompts.wrap(fill(bodies[r.kind], r.text if r.kind != "image" else "")) for r in chunk]
+            for request, ids in zip(chunk, tokenizer(prompts)["input_ids"]):
+                count = len(ids)
+                for image in request.images:
+                    size = self._images.peek_size(image)
+                    features = largest if size is None else runner.image_token_count(self._loaded, *size, grid)
+                    count += features - 1  # the <image> slot becomes its features
+                bounds.append(count)
         return bounds
 
     def _embedded_batches(
@@ -427,7 +430,7 @@ class E5VEmbedder:
         self, requests: Sequence[Request], bodies: dict[str, str], image_pool: Executor | None = None
     ) -> _Prepared:
         """Encode a batch: images decoded in turn (two prompts may share one source) and
-        processed on ``image_pool``'s threads if given, prompts tokenised in turn."""
+        processed on ``image_pool``'s threads if given, the prompts tokenised in one call."""
         decoding = threading.Lock()
 
         def pixels_of(request: Request) -> runner.Pixels | None:
@@ -439,13 +442,11 @@ class E5VEmbedder:
             pixels = list(image_pool.map(pixels_of, requests))
         else:
             pixels = [pixels_of(request) for request in requests]
-        keys, encoded = [], []
-        for request, request_pixels in zip(requests, pixels):
-            text = self._truncate(request.text, request.index) if request.kind != "image" else ""
-            prompt = self.prompts.wrap(fill(bodies[request.kind], text))
-            keys.append(request.key())
-            encoded.append(runner.tokenize(self._loaded, prompt, request_pixels))
-        return _Prepared(keys, encoded)
+        prompts = [
+            self.prompts.wrap(fill(bodies[r.kind], self._truncate(r.text, r.index) if r.kind != "image" else ""))
+            for r in requests
+        ]
+        return _Prepared([r.key() for r in requests], runner.tokenize(self._loaded, prompts, pixels))
 
     def _truncate(self, text: str, index: int) -> str:
         """Cut text longer than ``max_text_tokens`` tokens (image slots excepted)."""

@@ -15,8 +15,8 @@ and the model always agree without touching the shared model's config.
 
 :func:`encode` is two steps: :func:`process_images` (the image processor: resizing,
 tiling, normalising; safe to run for several prompts at once on threads) and
-:func:`tokenize` (the prompt, each ``<image>`` slot expanded to its image's feature
-count; the tokenizer must not be called from two threads at once).
+:func:`tokenize` (a batch's prompts in one tokenizer call, each ``<image>`` slot expanded
+to its image's feature count; the tokenizer must not be called from two threads at once).
 """
 
 from __future__ import annotations
@@ -113,7 +113,8 @@ def encode(
     loaded: LoadedModel, prompt: str, images: Sequence[Image.Image], *, max_image_tiles: int | None = None
 ) -> Encoded:
     """Run the processor on one prompt and its images (one ``<image>`` slot each)."""
-    return tokenize(loaded, prompt, process_images(loaded, images, max_image_tiles=max_image_tiles))
+    [encoded] = tokenize(loaded, [prompt], [process_images(loaded, images, max_image_tiles=max_image_tiles)])
+    return encoded
 
 
 def process_images(
@@ -136,16 +137,27 @@ def process_images(
     return Pixels(pixel_values, sizes, tiles, features, grid)
 
 
-def tokenize(loaded: LoadedModel, prompt: str, pixels: Pixels | None) -> Encoded:
-    """The prompt's token ids, each ``<image>`` slot expanded to its image's features."""
-    if pixels is None:
-        return Encoded(loaded.processor.tokenizer(prompt, return_tensors="pt")["input_ids"][0], None, None)
-    pieces = prompt.split(IMAGE_TOKEN)
-    if len(pieces) != len(pixels.features) + 1:
-        raise ValueError(f"prompt has {len(pieces) - 1} {IMAGE_TOKEN} slots for {len(pixels.features)} images")
-    expanded = pieces[0] + "".join(IMAGE_TOKEN * n + piece for n, piece in zip(pixels.features, pieces[1:]))
-    input_ids = loaded.processor.tokenizer(expanded, return_tensors="pt")["input_ids"][0]
-    return Encoded(input_ids, pixels.pixel_values, pixels.image_sizes, pixels.tiles, pixels.grid)
+def tokenize(loaded: LoadedModel, prompts: Sequence[str], pixels: Sequence[Pixels | None]) -> list[Encoded]:
+    """Each prompt's token ids, its ``<image>`` slots expanded to its images' features, in
+    one call of the tokenizer (a fast one encodes the prompts in parallel)."""
+    expanded = []
+    for prompt, images in zip(prompts, pixels, strict=True):
+        if images is None:
+            expanded.append(prompt)
+            continue
+        pieces = prompt.split(IMAGE_TOKEN)
+        if len(pieces) != len(images.features) + 1:
+            raise ValueError(f"prompt has {len(pieces) - 1} {IMAGE_TOKEN} slots for {len(images.features)} images")
+        expanded.append(pieces[0] + "".join(IMAGE_TOKEN * n + piece for n, piece in zip(images.features, pieces[1:])))
+    if not expanded:
+        return []
+    ids = loaded.processor.tokenizer(expanded)["input_ids"]
+    return [
+        Encoded(torch.tensor(row), None, None)
+        if images is None
+        else Encoded(torch.tensor(row), images.pixel_values, images.image_sizes, images.tiles, images.grid)
+        for row, images in zip(ids, pixels)
+    ]
 
 
 def forward(loaded: LoadedModel, batch: Sequence[Encoded]) -> torch.Tensor:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from e5v import E5VEmbedder, runner
-from e5v.bench import format_report, make_corpus, model_flops, run_bench
+from e5v.bench import format_report, make_corpus, model_flops, peak_tflops_for, run_bench
 from e5v.cli import main
 from e5v.errors import E5VError
 
@@ -180,3 +180,19 @@ def test_small_preset_keeps_e5v_proportions():
         assert spec.vision_intermediate_size / spec.vision_hidden_size == 4
         assert spec.num_attention_heads // spec.num_key_value_heads == 4
     assert small.grid_pinpoints == [[p // 3 for p in pair] for pair in full.grid_pinpoints]
+
+
+@pytest.mark.parametrize(
+    ("name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 PCIe", 756.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA H200", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA B200", 2250.0),
+        ("NVIDIA GeForce GTX 1080", None),
+    ],
+)
+def test_a_gpus_dense_bf16_peak_is_found_by_its_name(name, peak):
+    assert peak_tflops_for(name) == peak

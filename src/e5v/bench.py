@@ -67,15 +67,17 @@ from e5v.prompts import fill
 from e5v.reference import official_embedding
 from e5v.testing import COMMON_WORDS
 
-__all__ = ["BenchReport", "PEAK_TFLOPS", "format_report", "make_corpus", "model_flops", "run_bench"]
+__all__ = ["BenchReport", "PEAK_TFLOPS", "format_report", "make_corpus", "model_flops", "peak_tflops_for", "run_bench"]
 
 logger = logging.getLogger(__name__)
 
 #: Dense bf16 peak TFLOP/s by a substring of ``torch.cuda.get_device_name()`` (first match).
 PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
     ("H200", 989.0),
     ("H100", 989.0),
+    ("B200", 2250.0),
     ("A100", 312.0),
     ("L40S", 362.0),
     ("A10", 125.0),
@@ -275,7 +277,12 @@ def peak_tflops_of(device: torch.device) -> tuple[str, float | None]:
 
         return platform.processor() or platform.machine() or "cpu", None
     name = torch.cuda.get_device_name(device)
-    return name, next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+    return name, peak_tflops_for(name)
+
+
+def peak_tflops_for(device_name: str) -> float | None:
+    """Dense bf16 peak TFLOP/s of a GPU named ``device_name`` (``None``: not in :data:`PEAK_TFLOPS`)."""
+    return next((peak for key, peak in PEAK_TFLOPS if key in device_name), None)
 
 
 # -- the benchmark --------------------------------------------------------------------

@@ -62,6 +62,36 @@ def test_cheapest_split_of_the_longest_first_order(costs, max_items, max_tokens,
     assert _cost(costs, batches, batch_cost) == (cheapest or 0)
 
 
+def _plain_plan(costs, max_items, max_tokens, batch_cost):
+    """The same choice by trying every end of every batch (quadratic), fullest first on ties."""
+    order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    n = len(order)
+    best, end = [0] * (n + 1), [n] * (n + 1)
+    for start in range(n - 1, -1, -1):
+        width = costs[order[start]]
+        fits = max_items if max_tokens is None or width < 1 else min(max_items, max(1, max_tokens // width))
+        for stop in range(min(n, start + fits), start, -1):
+            cost = (stop - start) * width + batch_cost + best[stop]
+            if stop == min(n, start + fits) or cost < best[start]:
+                best[start], end[start] = cost, stop
+    batches, start = [], 0
+    while start < n:
+        batches.append(order[start : end[start]])
+        start = end[start]
+    return batches
+
+
+@given(
+    costs=st.lists(st.one_of(st.integers(0, 4), st.integers(0, 3000)), max_size=120),
+    max_items=st.integers(1, 300),
+    max_tokens=st.one_of(st.none(), st.integers(1, 20000)),
+    batch_cost=st.integers(0, 400),
+)
+def test_the_sliding_window_plans_what_trying_every_cut_plans(costs, max_items, max_tokens, batch_cost):
+    expected = _plain_plan(costs, max_items, max_tokens, batch_cost)
+    assert plan_batches(costs, max_items=max_items, max_tokens=max_tokens, batch_cost=batch_cost) == expected
+
+
 def test_a_short_item_is_not_padded_to_long_ones():
     # Greedy filling would pad the 96-token text to 266 beside two images; a batch more costs less.
     costs = [266, 266, 96, 86, 85]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
@@ -34,24 +35,45 @@ def plan_batches(
     if batch_cost < 0:
         raise ValueError(f"batch_cost must be at least 0, got {batch_cost}")
     order = sorted(range(len(costs)), key=lambda i: (-costs[i], i))
+    widths = [costs[i] for i in order]
     n = len(order)
     # best[i]: the least cost of batching order[i:]; end[i]: where the first of its batches ends.
+    # A batch order[i:j] costs (j - i) * widths[i] + batch_cost, so best[i] is the least
+    # best[j] + j * widths[i] over the j that fit, less i * widths[i], plus batch_cost. Over a
+    # run of equal widths that is a minimum over a window sliding left: a deque of candidates,
+    # rebuilt when the width changes, finds each in constant time (O(n + runs * fits) in all).
     best = [0] * (n + 1)
     end = [n] * (n + 1)
+    candidates: deque[int] = deque()  # j, largest first; their values non-decreasing
     for start in range(n - 1, -1, -1):
-        width = costs[order[start]]
+        width = widths[start]
         fits = max_items if max_tokens is None or width < 1 else min(max_items, max(1, max_tokens // width))
-        # Fullest batch first, and only a strictly cheaper one replaces it: the fuller wins ties.
-        candidates = [
-            ((stop - start) * width + batch_cost + best[stop], stop) for stop in range(min(n, start + fits), start, -1)
-        ]
-        best[start], end[start] = min(candidates, key=lambda candidate: candidate[0])
+        last = min(n, start + fits)
+        if start == n - 1 or width != widths[start + 1]:
+            candidates.clear()
+            for stop in range(last, start + 1, -1):
+                _push(candidates, stop, best, width)
+        while candidates and candidates[0] > last:
+            candidates.popleft()
+        _push(candidates, start + 1, best, width)
+        stop = candidates[0]
+        best[start], end[start] = (stop - start) * width + batch_cost + best[stop], stop
     batches: list[list[int]] = []
     start = 0
     while start < n:
         batches.append(order[start : end[start]])
         start = end[start]
     return batches
+
+
+def _push(candidates: deque[int], stop: int, best: list[int], width: int) -> None:
+    """Add the cut ``stop`` (smaller than every cut held) to the window's candidates,
+    dropping those it beats: they end later and cost more. On equal cost the earlier
+    held cut stays ahead, so that the fuller batch wins ties."""
+    value = best[stop] + stop * width
+    while candidates and best[candidates[-1]] + candidates[-1] * width > value:
+        candidates.pop()
+    candidates.append(stop)
 
 
 def chunked(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

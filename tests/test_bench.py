@@ -138,7 +138,9 @@ def test_cli_json(tiny_path, capsys):
     data = json.loads(capsys.readouterr().out)
     assert set(data["corpora"]) == {"texts", "images"} and data["cache"] is None
     assert data["corpora"]["texts"]["max_abs_diff"] <= 1e-5
-    assert data["max_batch_tokens"] == 1024 and data["workers"] == 1  # "auto" on a CPU
+    assert data["max_batch_tokens"] == 1024 and data["batch_size"] == 16 and data["workers"] == 1  # "auto" on a CPU
+    main(["bench", "--model", str(tiny_path), *options, "--batch-size", "3"])
+    assert json.loads(capsys.readouterr().out)["batch_size"] == 3
     main(["bench", "--model", str(tiny_path), *options, "--max-batch-tokens", "none"])
     assert json.loads(capsys.readouterr().out)["max_batch_tokens"] is None
     main(["bench", "--model", str(tiny_path), *options, "--max-batch-tokens", "64"])
@@ -161,6 +163,9 @@ def test_cli_errors(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--workers", "0"])
     assert "--workers: expected a positive number, got '0'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["bench", "--batch-size", "0"])
+    assert "--batch-size: expected a positive number or 'auto', got '0'" in capsys.readouterr().err
 
 
 def test_small_preset_keeps_e5v_proportions():

@@ -190,6 +190,17 @@ def test_validate_config_refuses(ef: E5VEmbeddingFunction, change: dict, message
         E5VEmbeddingFunction.validate_config({**ef.get_config(), **change})
 
 
+def test_batch_size_auto_is_the_embedders_and_persists(tiny_path: Path, embedder: E5VEmbedder, monkeypatch) -> None:
+    function = E5VEmbeddingFunction(embedder=embedder)
+    assert function.get_config()["batch_size"] == "auto"
+    assert E5VEmbeddingFunction.build_from_config(function.get_config()).batch_size == "auto"
+    sizes: list[int | None] = []
+    embed = embedder.embed
+    monkeypatch.setattr(embedder, "embed", lambda items, **options: sizes.append(options["batch_size"]) or embed(items))
+    function(["a cat"])
+    assert sizes == [None]  # the embedder's own: 16 on this CPU
+
+
 def test_config_update_refuses_a_new_model(ef: E5VEmbeddingFunction) -> None:
     old = ef.get_config()
     ef.validate_config_update(old, {**old, "dtype": "bfloat16", "batch_size": 32})

@@ -207,6 +207,20 @@ def test_images_of_unknown_size_are_bounded_by_the_largest_count(embedder, photo
     assert embedder._token_bounds([image_request(b"not an image", 0)], bodies) == [bound]
 
 
+def test_batch_size_defaults_by_device(tiny_path):
+    from e5v.embedder import _batch_size
+
+    assert E5VEmbedder(tiny_path).batch_size == 16  # a CPU here
+    assert E5VEmbedder(tiny_path, batch_size=3).batch_size == 3
+    assert _batch_size("auto", torch.device("cuda")) == 256  # on an accelerator the token budget binds first
+    assert _batch_size(3, torch.device("cuda")) == 3
+    for wrong in (0, -1, True, 2.5, "16", None):
+        with pytest.raises(ValueError, match="batch_size must be 'auto' or a positive integer"):
+            E5VEmbedder(tiny_path, batch_size=wrong)
+    with pytest.raises(ValueError, match="batch_size must be 'auto' or a positive integer, got 0"):
+        E5VEmbedder(tiny_path).embed_texts(["a call's own batch size is checked too"], batch_size=0)
+
+
 def test_token_budget_defaults_by_device(tiny_path):
     assert E5VEmbedder(tiny_path, workers=1).max_batch_tokens == 1024  # a CPU here
     assert E5VEmbedder(tiny_path, workers=2).max_batch_tokens == 512  # "auto": 1024 in flight, shared

@@ -6,7 +6,7 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
-__all__ = ["BATCH_COST_TOKENS", "chunked", "plan_batches"]
+__all__ = ["BATCH_COST_TOKENS", "check_batch_size", "chunked", "plan_batches"]
 
 T = TypeVar("T")
 
@@ -74,6 +74,12 @@ def _push(candidates: deque[int], stop: int, best: list[int], width: int) -> Non
     while candidates and best[candidates[-1]] + candidates[-1] * width > value:
         candidates.pop()
     candidates.append(stop)
+
+
+def check_batch_size(value: object) -> None:
+    """Refuse a ``batch_size`` option other than ``"auto"`` or a positive integer."""
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"batch_size must be 'auto' or a positive integer, got {value!r}")
 
 
 def chunked(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

@@ -432,7 +432,7 @@ def run_bench(
     random_init: str | None = None,
     device: str | None = None,
     dtype: str | None = None,
-    batch_size: int = 16,
+    batch_size: int | Literal["auto"] = "auto",
     max_batch_tokens: int | Literal["auto"] | None = "auto",
     workers: int = 1,
     texts: int = 32,
@@ -461,7 +461,7 @@ def run_bench(
         device=str(resolved),
         device_name=device_name,
         dtype=str(loaded.dtype).removeprefix("torch."),
-        batch_size=batch_size,
+        batch_size=embedder.batch_size,
         max_batch_tokens=embedder.max_batch_tokens,
         prepare_ahead=embedder.prepare_ahead,
         workers=embedder.workers,
@@ -474,7 +474,7 @@ def run_bench(
             logger.info("benchmarking %d %s", len(items), name)
             report.corpora[name] = _bench_corpus(embedder, items, repeats, peak, memory)
     if cache and mixed:
-        report.cache = _bench_cache(loaded, make_corpus(0, 0, mixed, seed=seed + 1)["mixed"], batch_size)
+        report.cache = _bench_cache(loaded, make_corpus(0, 0, mixed, seed=seed + 1)["mixed"], embedder.batch_size)
     return report
 
 

@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 
 from e5v import loading, runner
-from e5v.batching import chunked, plan_batches
+from e5v.batching import check_batch_size, chunked, plan_batches
 from e5v.cache import EmbeddingCache, entry_key, image_digest, path_fingerprint
 from e5v.defaults import DEFAULT_MODEL
 from e5v.errors import EmbeddingError, InvalidInputError, ModelLoadError
@@ -46,6 +46,12 @@ logger = logging.getLogger(__name__)
 #: than 4096-token ones).
 AUTO_MAX_BATCH_TOKENS = {"cpu": 1024}
 GPU_MAX_BATCH_TOKENS = 16384
+#: Default most items a batch by device type (``batch_size="auto"``): on a CPU 16, with
+#: which its token budget was measured; on an accelerator enough for the token budget to
+#: set a batch's size, as in vLLM (256 sequences within its token budget) and
+#: text-embeddings-inference.
+AUTO_BATCH_SIZE = {"cpu": 16}
+GPU_BATCH_SIZE = 256
 #: Most threads that run the image processor on one batch's prompts at once.
 MAX_IMAGE_THREADS = 8
 #: Prompts tokenised in one call when bounding a call's token counts (their ids are dropped).
@@ -80,9 +86,10 @@ class E5VEmbedder:
     a persistent embedding cache (:mod:`e5v.cache`), keyed by content, prompt, model and
     these options; an unchanged input is then served from disk without running the model.
 
-    Batches hold at most ``batch_size`` items and ``max_batch_tokens`` padded tokens
-    (``"auto"``: 16384 on an accelerator; on a CPU 1024 shared by the workers, so 512 a
-    batch with two; ``None``: no token limit). They are
+    Batches hold at most ``batch_size`` items (``"auto"``: 16 on a CPU, 256 on an
+    accelerator) and ``max_batch_tokens`` padded tokens (``"auto"``: 16384 on an
+    accelerator; on a CPU 1024 shared by the workers, so 512 a batch with two; ``None``:
+    no token limit). They are
     planned over the whole call, longest first, from token counts known before any
     image is decoded (exact for text, and for images from their size in the file
     header; a URI counts as the grid's largest image). With
@@ -95,7 +102,8 @@ class E5VEmbedder:
     equal share of torch's threads: one batch's preparation and per-operation overhead
     overlap another's compute (off by default; measured in the README's Performance
     section); a call of one batch (a query) runs on the calling thread with all of
-    torch's threads. Accelerators run one batch at a time.
+    torch's threads. Accelerators run one batch at a time. Every ``embed*`` method also
+    takes ``batch_size`` and ``show_progress_bar`` for that call (``None``: the embedder's).
     The same checkpoint loaded twice with the same options is shared, not reloaded.
     """
 
@@ -105,7 +113,7 @@ class E5VEmbedder:
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        batch_size: int = 16,
+        batch_size: int | Literal["auto"] = "auto",
         max_batch_tokens: int | Literal["auto"] | None = "auto",
         prompts: str | PromptSet | None = None,
         revision: str | None = None,
@@ -124,15 +132,13 @@ class E5VEmbedder:
         prepare_ahead: bool | None = None,
         workers: int = 1,
     ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        check_batch_size(batch_size)
         if not isinstance(workers, int) or workers < 1:
             raise ValueError(f"workers must be a number at least 1, got {workers!r}")
         if max_image_tiles is not None and max_image_tiles < 0:
             raise ValueError(f"max_image_tiles must be None or at least 0, got {max_image_tiles}")
         self.max_image_tiles = max_image_tiles
         self.prompts = get_prompts(prompts)
-        self.batch_size = batch_size
         self.max_text_tokens = max_text_tokens
         self.show_progress_bar = show_progress_bar
         if isinstance(model_name_or_path, loading.LoadedModel):
@@ -155,6 +161,7 @@ class E5VEmbedder:
         if workers > 1 and self._loaded.input_device.type != "cpu":
             raise ValueError(f"workers={workers} runs batches side by side on CPU threads, not on {self.device}")
         self.workers = workers
+        self.batch_size = _batch_size(batch_size, self._loaded.input_device)
         self.max_batch_tokens = _batch_token_budget(max_batch_tokens, self._loaded.input_device, workers)
         self.prepare_ahead = self._loaded.input_device.type != "cpu" if prepare_ahead is None else prepare_ahead
         self._images = ImageLoader(max_image_pixels=max_image_pixels, allow_remote=allow_remote)
@@ -269,7 +276,7 @@ class E5VEmbedder:
         requests: list[Request],
         bodies: dict[str, str],
         *,
-        batch_size: int | None = None,
+        batch_size: int | Literal["auto"] | None = None,
         show_progress_bar: bool | None = None,
     ) -> np.ndarray:
         out = np.empty((len(requests), self.dimension), dtype=np.float32)
@@ -284,7 +291,9 @@ class E5VEmbedder:
         unique = list(first_of.values())
         if len(unique) < len(requests):
             logger.debug("embedding %d unique of %d items", len(unique), len(requests))
-        size = batch_size or self.batch_size
+        if batch_size is not None:
+            check_batch_size(batch_size)
+        size = self.batch_size if batch_size is None else _batch_size(batch_size, self.device)
         progress = _progress(len(requests), self.show_progress_bar if show_progress_bar is None else show_progress_bar)
         try:
             cache, cache_keys = self.cache, {}
@@ -532,6 +541,11 @@ def _quantization_kwargs(
             llm_int8_skip_modules=skip,
         )
     return {**(model_kwargs or {}), "quantization_config": config}
+
+
+def _batch_size(option: int | str, device: torch.device) -> int:
+    """``"auto"``: the device's most items a batch; a number as it is."""
+    return AUTO_BATCH_SIZE.get(device.type, GPU_BATCH_SIZE) if option == "auto" else int(option)
 
 
 def _batch_token_budget(option: int | str | None, device: torch.device, workers: int) -> int | None:

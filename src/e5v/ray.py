@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pyarrow as pa
 
+from e5v.batching import check_batch_size
 from e5v.embedder import DEFAULT_MODEL
 from e5v.errors import InvalidInputError
 from e5v.inputs import Interleaved, describe
@@ -29,12 +30,16 @@ from e5v.inputs import Interleaved, describe
 if TYPE_CHECKING:
     import ray.data
 
-__all__ = ["embed_dataset"]
+__all__ = ["AUTO_ROWS_PER_BATCH", "embed_dataset"]
 
 logger = logging.getLogger(__name__)
 
 Mode = Literal["composed", "interleaved"]
 OnError = Literal["fail", "skip"]
+
+#: Rows of a Ray batch with ``batch_size="auto"``: enough for an actor to plan full
+#: forward passes on a GPU (256 items each at most) with little padding.
+AUTO_ROWS_PER_BATCH = 256
 
 
 def embed_dataset(
@@ -46,7 +51,7 @@ def embed_dataset(
     mode: Mode = "composed",
     output_column: str = "embedding",
     id_column: str | None = None,
-    batch_size: int = 16,
+    batch_size: int | Literal["auto"] = "auto",
     concurrency: int | tuple[int, int] = 1,
     num_gpus_per_worker: float = 0,
     num_cpus_per_worker: float = 1,
@@ -73,7 +78,9 @@ def embed_dataset(
 
     ``device=None`` is ``"cuda"`` when ``num_gpus_per_worker > 0``, else ``"cpu"``;
     ``dtype=None`` is bfloat16 on GPU, float32 on CPU. ``batch_size`` is both the rows
-    per Ray batch and the most items per forward pass. ``embedder_options`` go to
+    per Ray batch and the most items per forward pass (``"auto"``: Ray batches of
+    :data:`AUTO_ROWS_PER_BATCH` rows, over which each actor plans forward passes of the
+    embedder's default size, 16 items on CPU and 256 on GPU, within its token budget). ``embedder_options`` go to
     :class:`~e5v.E5VEmbedder` (``prompts``, ``adapter``, ``max_image_pixels`` ...).
 
     A row that cannot be embedded (:class:`~e5v.InvalidInputError`: a missing file, a
@@ -87,8 +94,7 @@ def embed_dataset(
         raise ValueError(f"mode must be 'composed' or 'interleaved', got {mode!r}")
     if on_error not in ("fail", "skip"):
         raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    check_batch_size(batch_size)
     import ray.data
 
     if isinstance(concurrency, int):
@@ -100,7 +106,7 @@ def embed_dataset(
     return ds.map_batches(
         _EmbedBatch,
         batch_format="pyarrow",
-        batch_size=batch_size,
+        batch_size=AUTO_ROWS_PER_BATCH if batch_size == "auto" else batch_size,
         compute=compute,
         num_gpus=num_gpus_per_worker,
         num_cpus=num_cpus_per_worker,

@@ -14,7 +14,7 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -175,7 +175,7 @@ class Store:
         revision: str | None = None,
         device: str | None = None,
         dtype: str | None = None,
-        batch_size: int = 16,
+        batch_size: int | Literal["auto"] = "auto",
     ) -> E5VEmbedder:
         """Load the model (checked by :meth:`model`) and create the collection if needed."""
         from chromadb_e5v import E5VEmbeddingFunction
@@ -288,7 +288,7 @@ def index_files(
     paths: Sequence[str | Path],
     connect: Callable[[], E5VEmbedder],
     *,
-    batch_size: int = 16,
+    batch_size: int | Literal["auto"] = "auto",
     max_chars: int = DEFAULT_MAX_CHARS,
     prune: bool = False,
     progress: bool = True,
@@ -300,7 +300,9 @@ def index_files(
     replaced. ``connect`` loads the model, called only if something must be embedded.
     A file that cannot be read, decoded or embedded is passed to ``report`` and
     skipped, and its older records are deleted. ``prune`` deletes the records of every
-    stored file that no longer exists.
+    stored file that no longer exists. ``batch_size`` is the most items a forward pass
+    (``"auto"``: the embedder's); records are embedded and written
+    :data:`BATCHES_PER_WRITE` batches' worth at a time.
     """
     from tqdm.auto import tqdm
 
@@ -332,10 +334,11 @@ def index_files(
 
     if staged:
         embedder = connect()
+        size = embedder.batch_size if batch_size == "auto" else batch_size
         total = sum(len(file.records) for file in staged)
         with tqdm(total=total, desc="Embedding", unit="item", disable=not progress) as bar:
-            for group in _groups(staged, batch_size * BATCHES_PER_WRITE):
-                written, failed = _embed_files(embedder, group, batch_size)
+            for group in _groups(staged, size * BATCHES_PER_WRITE):
+                written, failed = _embed_files(embedder, group, size)
                 for skipped in failed:
                     fail(skipped)
                 if written:

@@ -7,6 +7,7 @@ import json
 import sys
 from typing import Any, Literal
 
+from e5v.cli.common import batch_size_option, positive
 from e5v.defaults import DEFAULT_MODEL
 
 __all__ = ["register"]
@@ -33,7 +34,12 @@ def register(subparsers: Any) -> None:
     )
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     group.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
-    group.add_argument("--batch-size", type=int, default=16, help="fast path items per forward pass (default: 16)")
+    group.add_argument(
+        "--batch-size",
+        type=batch_size_option,
+        default="auto",
+        help="fast path most items per forward pass: a number or 'auto' (16 on CPU, 256 on GPU)",
+    )
     group.add_argument(
         "--max-batch-tokens",
         type=_token_budget,
@@ -43,7 +49,7 @@ def register(subparsers: Any) -> None:
     )
     group.add_argument(
         "--workers",
-        type=_positive,
+        type=positive,
         default=1,
         help="fast path batches at once on a CPU, each on its own thread (default: 1)",
     )
@@ -66,8 +72,8 @@ def run(args: argparse.Namespace) -> int:
     for name in ("texts", "images", "mixed"):
         if getattr(args, name) < 0:
             raise SystemExit(f"e5v bench: --{name} must be at least 0")
-    if args.repeats < 1 or args.batch_size < 1:
-        raise SystemExit("e5v bench: --repeats and --batch-size must be at least 1")
+    if args.repeats < 1:
+        raise SystemExit("e5v bench: --repeats must be at least 1")
     try:
         report = run_bench(
             None if args.random_init else args.model,
@@ -96,14 +102,4 @@ def _token_budget(value: str) -> int | Literal["auto"] | None:
         return "auto"
     if value == "none":
         return None
-    return _positive(value, "a positive number, 'auto' or 'none'")
-
-
-def _positive(value: str, expected: str = "a positive number") -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        number = 0
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
-    return number
+    return positive(value, "a positive number, 'auto' or 'none'")

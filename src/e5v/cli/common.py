@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from e5v.defaults import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from e5v.embedder import E5VEmbedder
 
-__all__ = ["add_collection_options", "add_model_options", "embedder_from_args"]
+__all__ = ["add_collection_options", "add_model_options", "batch_size_option", "embedder_from_args", "positive"]
 
 
 def add_model_options(
@@ -25,7 +25,13 @@ def add_model_options(
     )
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
     group.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
-    group.add_argument("--batch-size", type=int, default=16, help="items per forward pass (default: 16)")
+    group.add_argument(
+        "--batch-size",
+        type=batch_size_option,
+        default="auto",
+        help="most items per forward pass: a number or 'auto' (16 on CPU, 256 on GPU; fewer where the token "
+        "budget says so)",
+    )
 
 
 def embedder_from_args(args: argparse.Namespace, **options: object) -> E5VEmbedder:
@@ -44,3 +50,19 @@ def add_collection_options(parser: argparse.ArgumentParser) -> None:
         "--chroma-url", default=None, help="use a Chroma server (http://host:port) instead of the --db folder"
     )
     group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
+
+
+def batch_size_option(value: str) -> int | Literal["auto"]:
+    """``--batch-size``: ``auto`` or a positive number."""
+    return "auto" if value == "auto" else positive(value, "a positive number or 'auto'")
+
+
+def positive(value: str, expected: str = "a positive number") -> int:
+    """A positive integer option, or argparse's error saying what was ``expected``."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = 0
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value!r}")
+    return number

@@ -7,13 +7,14 @@ import logging
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from chromadb.api.types import Embeddable, EmbeddingFunction, Embeddings, Space, is_document, is_image
 from chromadb.utils.embedding_functions import register_embedding_function
 
 from e5v import DEFAULT_MODEL, E5VEmbedder, InvalidInputError, PromptSet
+from e5v.batching import check_batch_size
 from e5v.inputs import describe
 from e5v.loading import resolve_device, resolve_dtype
 from e5v.prompts import PRESETS, get_prompts
@@ -41,7 +42,8 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
     :class:`e5v.E5VEmbedder` as ``embedder``. Functions of one process for the same
     model, revision, dtype and prompts share one embedder, and so one loaded model.
     The config persisted with a collection holds the model name, revision, dtype
-    (``None``: the device's default; with ``embedder``, its dtype), batch size and
+    (``None``: the device's default; with ``embedder``, its dtype), batch size
+    (``"auto"``: the embedder's, by default 16 items on CPU and 256 on GPU) and
     prompts, never the device: a collection reopened without the function (after
     ``import chromadb_e5v``) reuses this process's embedder for that config, or loads
     the model on the default device of the machine that opens it.
@@ -53,13 +55,12 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
-        batch_size: int = 16,
+        batch_size: int | Literal["auto"] = "auto",
         revision: str | None = None,
         prompts: str | PromptSet | None = None,
         embedder: E5VEmbedder | None = None,
     ) -> None:
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+        check_batch_size(batch_size)
         self.batch_size = batch_size
         self._embedder: E5VEmbedder | None = embedder
         if embedder is not None:
@@ -102,17 +103,22 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
                     f"got {describe(item)}; check the documents, images or uris you passed",
                     index=index,
                 )
-        return list(self.embedder.embed(items, batch_size=self.batch_size))
+        return list(self.embedder.embed(items, batch_size=self._call_batch_size))
 
     def embed_composed(self, images: Sequence[Any], texts: Sequence[str]) -> Embeddings:
         """Composed queries (``images[i]`` changed as ``texts[i]`` says), to pass as
         ``collection.query(query_embeddings=...)``."""
-        return list(self.embedder.embed_composed(images, texts, batch_size=self.batch_size))
+        return list(self.embedder.embed_composed(images, texts, batch_size=self._call_batch_size))
 
     def embed_interleaved(self, items: Sequence[Any]) -> Embeddings:
         """Interleaved items (``e5v.Interleaved`` or sequences of texts and images), one
         vector each, to pass as ``collection.query(query_embeddings=...)``."""
-        return list(self.embedder.embed_interleaved(items, batch_size=self.batch_size))
+        return list(self.embedder.embed_interleaved(items, batch_size=self._call_batch_size))
+
+    @property
+    def _call_batch_size(self) -> int | None:
+        """The batch size of a call: ``None`` (the embedder's) for ``"auto"``."""
+        return None if self.batch_size == "auto" else self.batch_size
 
     # -- Chroma's config protocol -----------------------------------------------------
 
@@ -146,7 +152,7 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
             config["model_name"],
             revision=config.get("revision"),
             dtype=config.get("dtype"),
-            batch_size=config.get("batch_size", 16),
+            batch_size=config.get("batch_size", "auto"),
             prompts=PromptSet(**prompts) if isinstance(prompts, dict) else prompts,
         )
 
@@ -160,9 +166,10 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
         for key in ("revision", "dtype"):
             if config.get(key) is not None and not isinstance(config[key], str):
                 raise ValueError(f"e5v config {key} must be a string or null, got {config[key]!r}")
-        size = config.get("batch_size", 16)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"e5v config batch_size must be a positive integer, got {size!r}")
+        try:
+            check_batch_size(config.get("batch_size", "auto"))
+        except ValueError as exc:
+            raise ValueError(f"e5v config {exc}") from None
         prompts = config.get("prompts")
         if isinstance(prompts, str):
             get_prompts(prompts)
@@ -185,7 +192,7 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
                 )
 
     def __repr__(self) -> str:
-        return f"E5VEmbeddingFunction({self._model_name!r}, dtype={self._dtype!r}, batch_size={self.batch_size})"
+        return f"E5VEmbeddingFunction({self._model_name!r}, dtype={self._dtype!r}, batch_size={self.batch_size!r})"
 
 
 def clear_cache() -> None:

@@ -55,7 +55,7 @@ class E5VEmbeddings(BaseModel, Embeddings):
     dtype: str | None = None
     """``"bfloat16"``, ``"float16"`` or ``"float32"``; ``None``: bfloat16 on GPU, float32 on CPU."""
     batch_size: int | None = Field(default=None, ge=1)
-    """Items per forward pass; ``None``: the embedder's (16 when built by name)."""
+    """Most items per forward pass; ``None``: the embedder's (built by name: 16 on CPU, 256 on GPU)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the checkpoint."""
     cache_dir: str | None = None

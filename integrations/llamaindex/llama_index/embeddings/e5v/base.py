@@ -21,8 +21,6 @@ __all__ = ["E5VEmbedding"]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_BATCH_SIZE = 16
-
 
 class E5VEmbedding(MultiModalEmbedding):
     """E5-V embeddings for LlamaIndex: texts, queries and images in one space.
@@ -31,7 +29,8 @@ class E5VEmbedding(MultiModalEmbedding):
     ``MultiModalVectorStoreIndex``. Build it from a model name or local path (adapters
     with the same model, device and dtype share one loaded model), or wrap an existing
     :class:`e5v.E5VEmbedder` with ``embedder=``. Each call hands at most
-    ``embed_batch_size`` items to the model at a time, for texts and images alike.
+    ``embed_batch_size`` items to the model at a time, for texts and images alike
+    (by default the embedder's batch size: 16 on CPU, 256 on GPU).
 
     Images are ``str`` paths (or ``data:image/...;base64`` URIs) or binary streams such
     as ``BytesIO``. An :class:`~llama_index.core.schema.ImageNode` that carries text can
@@ -43,7 +42,7 @@ class E5VEmbedding(MultiModalEmbedding):
 
     model_name: str = Field(default=DEFAULT_MODEL, description="Hub id or local path of the E5-V checkpoint.")
     embed_batch_size: int = Field(
-        default=DEFAULT_BATCH_SIZE, gt=0, le=2048, description="Items per model batch (texts and images)."
+        default=16, gt=0, le=2048, description="Items per model batch (texts and images); the embedder's if not given."
     )
     device: str | None = Field(default=None, description="Torch device; None picks CUDA when available, else CPU.")
     dtype: str | None = Field(default=None, description="Torch dtype; None picks bfloat16 on GPU, float32 on CPU.")
@@ -75,19 +74,18 @@ class E5VEmbedding(MultiModalEmbedding):
             device = str(embedder.device)
             dtype = str(embedder.dtype).removeprefix("torch.")
             revision = embedder.revision
-            batch_size = embedder.batch_size if embed_batch_size is None else embed_batch_size
         else:
             model_name = DEFAULT_MODEL if model_name is None else model_name
-            batch_size = DEFAULT_BATCH_SIZE if embed_batch_size is None else embed_batch_size
             embedder = E5VEmbedder(
                 model_name,
                 device=device,
                 dtype=dtype,
                 revision=revision,
                 cache_dir=cache_dir,
-                batch_size=batch_size,
+                batch_size="auto" if embed_batch_size is None else embed_batch_size,
                 **(embedder_kwargs or {}),
             )
+        batch_size = embedder.batch_size if embed_batch_size is None else embed_batch_size
         super().__init__(
             model_name=str(model_name),
             embed_batch_size=batch_size,

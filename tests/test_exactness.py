@@ -126,3 +126,13 @@ def test_a_batch_is_tokenised_as_the_official_processor_tokenises_each_prompt(pa
     for prompt, group, encoded in zip(prompts, images, runner.tokenize(loaded, prompts, pixels), strict=True):
         expected = processor(text=[prompt], images=group or None, return_tensors="pt")["input_ids"][0]
         assert torch.equal(encoded.input_ids, expected)
+
+
+def test_tokenize_refuses_a_prompt_whose_slots_and_images_differ(pair, photos):
+    embedder, _, _ = pair
+    from e5v import runner
+
+    loaded = embedder._loaded
+    pixels = runner.process_images(loaded, [rgb(photos["cat"])])
+    with pytest.raises(ValueError, match="prompt has 2 <image> slots for 1 images"):
+        runner.tokenize(loaded, ["<image> and <image>"], [pixels])

@@ -335,7 +335,7 @@ class E5VEmbedder:
             if any(digest is None for digest in digests):
                 missing.append(request)
                 continue
-            prompt = self.prompts.wrap(fill(bodies[request.kind], request.text))
+            prompt = self._prompt(request, bodies)
             key = entry_key(self._identity, prompt, [d for d in digests if d is not None])
             vector = cache.get(key, self.dimension)
             if vector is None:
@@ -357,7 +357,7 @@ class E5VEmbedder:
         largest = runner.max_image_token_count(self._loaded, grid)
         bounds = []
         for chunk in chunked(requests, _TOKENIZE_CHUNK):
-            prompts = [self.prompts.wrap(fill(bodies[r.kind], r.text if r.kind != "image" else "")) for r in chunk]
+            prompts = [self._prompt(request, bodies) for request in chunk]
             for request, ids in zip(chunk, tokenizer(prompts)["input_ids"]):
                 count = len(ids)
                 for image in request.images:
@@ -451,11 +451,14 @@ class E5VEmbedder:
             pixels = list(image_pool.map(pixels_of, requests))
         else:
             pixels = [pixels_of(request) for request in requests]
-        prompts = [
-            self.prompts.wrap(fill(bodies[r.kind], self._truncate(r.text, r.index) if r.kind != "image" else ""))
-            for r in requests
-        ]
-        return _Prepared([r.key() for r in requests], runner.tokenize(self._loaded, prompts, pixels))
+        prompts = [self._prompt(request, bodies, truncate=True) for request in requests]
+        return _Prepared([request.key() for request in requests], runner.tokenize(self._loaded, prompts, pixels))
+
+    def _prompt(self, request: Request, bodies: dict[str, str], *, truncate: bool = False) -> str:
+        """The request's full prompt (an image's text is empty); with ``truncate`` its text
+        cut to ``max_text_tokens``, as embedded (planning and cache keys use it whole)."""
+        text = self._truncate(request.text, request.index) if truncate else request.text
+        return self.prompts.wrap(fill(bodies[request.kind], text))
 
     def _truncate(self, text: str, index: int) -> str:
         """Cut text longer than ``max_text_tokens`` tokens (image slots excepted)."""

@@ -7,8 +7,7 @@ import json
 import sys
 from typing import Any, Literal
 
-from e5v.cli.common import batch_size_option, positive
-from e5v.defaults import DEFAULT_MODEL
+from e5v.cli.common import add_model_options, positive
 
 __all__ = ["register"]
 
@@ -24,21 +23,12 @@ def register(subparsers: Any) -> None:
             "e5v bench --random-init e5v-8b --device cuda --dtype bfloat16 --json"
         ),
     )
-    group = parser.add_argument_group("model")
-    group.add_argument("--model", default=DEFAULT_MODEL, help=f"hub id or local directory (default: {DEFAULT_MODEL})")
+    group = add_model_options(parser)
     group.add_argument(
         "--random-init",
         choices=("small", "e5v-8b"),
         default=None,
         help="random weights, no download: 'small' (E5-V's proportions, CPU-sized) or 'e5v-8b' (full size, GPU)",
-    )
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
-    group.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
-    group.add_argument(
-        "--batch-size",
-        type=batch_size_option,
-        default="auto",
-        help="fast path most items per forward pass: a number or 'auto' (16 on CPU, 256 on GPU)",
     )
     group.add_argument(
         "--max-batch-tokens",

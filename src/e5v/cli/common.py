@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from e5v.defaults import DEFAULT_MODEL
 
@@ -15,8 +15,8 @@ __all__ = ["add_collection_options", "add_model_options", "batch_size_option", "
 
 def add_model_options(
     parser: argparse.ArgumentParser, *, model_default: str | None = DEFAULT_MODEL, model_help: str | None = None
-) -> None:
-    """``--model``, ``--device``, ``--dtype``, ``--batch-size``."""
+) -> Any:
+    """``--model``, ``--device``, ``--dtype``, ``--batch-size``, in a group returned for more."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
@@ -32,6 +32,7 @@ def add_model_options(
         help="most items per forward pass: a number or 'auto' (16 on CPU, 256 on GPU; fewer where the token "
         "budget says so)",
     )
+    return group
 
 
 def embedder_from_args(args: argparse.Namespace, **options: object) -> E5VEmbedder:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from e5v.defaults import DEFAULT_MODEL
 
@@ -15,7 +15,7 @@ __all__ = ["add_collection_options", "add_model_options", "batch_size_option", "
 
 def add_model_options(
     parser: argparse.ArgumentParser, *, model_default: str | None = DEFAULT_MODEL, model_help: str | None = None
-) -> Any:
+) -> argparse._ArgumentGroup:
     """``--model``, ``--device``, ``--dtype``, ``--batch-size``, in a group returned for more."""
     group = parser.add_argument_group("model")
     group.add_argument(

@@ -1,8 +1,12 @@
 """A Chroma collection of photos and texts embedded by E5-V, queried by text, image and composed query.
 
-pip install e5v chromadb-e5v scikit-image
+pip install torch==2.13.0 . ./integrations/chroma scikit-image   # from the repository root
 python examples/chroma_collection.py                     # royokong/e5-v (a GPU is advised)
 python examples/chroma_collection.py --model ./tiny --db ./media-db
+
+None of this repository's packages is on PyPI, so the install names the core (``.``) and the
+integration by path. On a GPU machine install the CUDA build of torch first, then run the
+install without ``torch==2.13.0``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import chromadb
 import skimage
 
 from chromadb_e5v import E5VEmbeddingFunction, E5VImageLoader
+from e5v import E5VError
 
 PHOTOS = ["chelsea.png", "astronaut.png", "rocket.jpg", "coffee.png", "motorcycle_left.png"]
 TEXTS = [
@@ -88,4 +93,7 @@ def show(title: str, result: chromadb.QueryResult) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except E5VError as exc:  # one line saying what failed and how to fix it, not a traceback
+        raise SystemExit(f"{Path(__file__).name}: error: {exc}") from None

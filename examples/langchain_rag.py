@@ -4,10 +4,13 @@ Stores a few texts and scikit-image's sample photos in one Chroma collection, th
 prints the ranked results of text queries (through a LangChain retriever in an LCEL
 chain), of an image query and of an interleaved (image + text) query::
 
+    pip install torch==2.13.0 . ./integrations/langchain langchain-chroma scikit-image  # from the repository root
     python examples/langchain_rag.py                      # royokong/e5-v (GPU advised)
     python examples/langchain_rag.py --model ./tiny -k 3  # any local checkpoint
 
-Needs ``langchain-e5v``, ``langchain-chroma`` and ``scikit-image``.
+Needs ``langchain-e5v``, ``langchain-chroma`` and ``scikit-image``; none of this repository's packages
+is on PyPI, so the install names the core (``.``) and the integration by path. On a GPU machine
+install the CUDA build of torch first, then run the install without ``torch==2.13.0``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from langchain_chroma import Chroma
 from langchain_core.documents import Document
 from langchain_core.runnables import RunnableLambda
 
-from e5v import DEFAULT_MODEL
+from e5v import DEFAULT_MODEL, E5VError
 from langchain_e5v import E5VEmbeddings
 
 PHOTOS = ["chelsea.png", "astronaut.png", "rocket.jpg", "coffee.png"]
@@ -79,4 +82,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except E5VError as exc:  # one line saying what failed and how to fix it, not a traceback
+        raise SystemExit(f"{Path(__file__).name}: error: {exc}") from None

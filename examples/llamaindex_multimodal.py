@@ -6,11 +6,14 @@ text-to-image, image-to-image and text-to-text queries. One photo carries a capt
 and is stored as a single interleaved (image + text) vector. Scores are LlamaIndex's
 Chroma similarity, ``exp(-cosine distance)``: 1.0 for an identical vector.
 
+    pip install torch==2.13.0 . ./integrations/llamaindex llama-index-vector-stores-chroma scikit-image  # repo root
     python examples/llamaindex_multimodal.py                  # royokong/e5-v (GPU advised)
     python examples/llamaindex_multimodal.py --model ./tiny --persist-dir ./chroma-demo
 
 Needs ``llama-index-embeddings-e5v``, ``llama-index-vector-stores-chroma`` and
-``scikit-image``.
+``scikit-image``; none of this repository's packages is on PyPI, so the install names the
+core (``.``) and the integration by path, from the repository root. On a GPU machine install
+the CUDA build of torch first, then run the install without ``torch==2.13.0``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 import chromadb
 import skimage.data
 
+from e5v import E5VError
 from llama_index.core import Document, StorageContext
 from llama_index.core.indices import MultiModalVectorStoreIndex
 from llama_index.core.schema import ImageDocument, NodeWithScore
@@ -102,4 +106,7 @@ def show(title: str, results: list[NodeWithScore]) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except E5VError as exc:  # one line saying what failed and how to fix it, not a traceback
+        raise SystemExit(f"{Path(__file__).name}: error: {exc}") from None

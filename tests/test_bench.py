@@ -3,13 +3,29 @@
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 
 import numpy as np
 import pytest
 
 from e5v import E5VEmbedder, runner
-from e5v.bench import format_report, make_corpus, model_flops, peak_tflops_for, run_bench
+from e5v.bench import (
+    MAX_RELATIVE_SPREAD,
+    MIN_TIMED_SECONDS,
+    SINGLE_REPETITION_MIN_SECONDS,
+    BenchReport,
+    CacheResult,
+    CorpusResult,
+    PathResult,
+    format_report,
+    judge_cache,
+    judge_timings,
+    make_corpus,
+    model_flops,
+    peak_tflops_for,
+    run_bench,
+)
 from e5v.cli import main
 from e5v.errors import E5VError
 
@@ -27,6 +43,9 @@ def test_report_compares_both_paths(report):
             assert path.items_per_s > 0 and path.tflops_per_s > 0
             assert path.fraction_of_peak is None  # no peak known for a CPU
         assert result.speedup == pytest.approx(result.recipe.seconds / result.fast.seconds)
+        assert len(result.recipe.times) == len(result.fast.times) == len(result.model_times) == 2  # repeats=2
+        assert result.fast.seconds == statistics.median(result.fast.times)
+        assert result.model_seconds == statistics.median(result.model_times) and result.speedup_refused is None
         assert result.prepare_seconds > 0 and result.model_seconds > 0 and result.model_fraction_of_peak is None
         assert result.model_tflops_per_s == pytest.approx(
             result.fast.tflops_per_s * result.fast.seconds / result.model_seconds
@@ -34,6 +53,8 @@ def test_report_compares_both_paths(report):
     if sys.platform == "linux":
         assert report.corpora["images"].recipe.peak_memory_mb is not None
     assert report.cache is not None and report.cache.max_abs_diff == 0.0 and report.cache.warm_speedup > 1
+    assert len(report.cache.cold_times) == len(report.cache.warm_times) == 2
+    assert report.cache.cold_seconds == statistics.median(report.cache.cold_times)
 
 
 def test_report_formats_and_serialises(report):
@@ -42,7 +63,106 @@ def test_report_formats_and_serialises(report):
     assert "images, fast, model alone on prepared batches" in text
     assert report.max_batch_tokens == 1024 and report.workers == 1 and not report.prepare_ahead  # CPU defaults
     assert "1024 tokens a batch, prepared in turn" in text
-    assert json.loads(json.dumps(report.to_dict()))["corpora"]["images"]["items"] == 2
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["corpora"]["images"]["items"] == 2 and data["corpora"]["images"]["fast"]["times"]
+    assert data["warnings"] == report.warnings  # every corpus's and the cache's, also at the top level
+
+
+# -- judging the timings: known repetition times, nothing timed ----------------------
+
+
+def _path(times: list[float], items: int) -> PathResult:
+    seconds = statistics.median(times)
+    return PathResult(seconds, items / seconds, None, None, 1e-3, None, times=times)
+
+
+def _report(recipe: list[float], fast: list[float], model_alone: list[float], items: int = 32) -> BenchReport:
+    """A report as run_bench assembles it, from known repetition times of the texts corpus."""
+    warnings, refused = judge_timings("texts", items, recipe, fast, model_alone)
+    r, f = _path(recipe, items), _path(fast, items)
+    corpus = CorpusResult(
+        items=items,
+        recipe=r,
+        fast=f,
+        speedup=None if refused else r.seconds / f.seconds,
+        max_abs_diff=0.0,
+        prepare_seconds=0.1,
+        model_seconds=statistics.median(model_alone),
+        model_tflops_per_s=1e-3,
+        model_fraction_of_peak=None,
+        model_times=model_alone,
+        speedup_refused=refused,
+        warnings=warnings,
+    )
+    return BenchReport("m", "cpu", "cpu", "float32", 16, 1024, False, 1, len(recipe), None, {"texts": corpus})
+
+
+def test_a_long_tight_run_has_a_ratio_and_no_warning():
+    report = _report([2.0, 2.1, 2.05], [1.0, 1.02, 1.01], [0.8, 0.81, 0.8])
+    assert report.warnings == [] and report.corpora["texts"].speedup == pytest.approx(2.05 / 1.01)
+    text = format_report(report)
+    assert next(line for line in text.splitlines() if line.startswith("texts ")).split()[4] == "2.03x"
+    assert "not to trust" not in text and text.splitlines()[0].endswith("median of 3 interleaved repetitions")
+    data = report.to_dict()
+    assert data["warnings"] == [] and data["corpora"]["texts"]["speedup"] == pytest.approx(2.05 / 1.01)
+    assert data["corpora"]["texts"]["speedup_refused"] is None
+
+
+def test_a_run_too_short_to_time_is_warned_about_with_a_larger_corpus():
+    short = MIN_TIMED_SECONDS / 8  # 32 texts in it: 256 for the minimum
+    warnings, refused = judge_timings("texts", 32, [0.5, 0.5, 0.5], [short] * 3, [short * 0.9] * 3)
+    assert refused is None and len(warnings) == 1
+    assert warnings[0].startswith("texts: too short to time") and "fast path 0.0375 s" in warnings[0]
+    assert "model alone" in warnings[0] and "recipe" not in warnings[0] and "--texts 512 or more" in warnings[0]
+
+
+def test_a_wide_spread_is_warned_about():
+    fast = [1.0, 1.0 + 2 * MAX_RELATIVE_SPREAD, 1.1]  # (max - min) / median = 2 x the bound / 1.1
+    warnings, refused = judge_timings("images", 16, [2.0, 2.0, 2.0], fast, [0.8, 0.8, 0.8])
+    assert refused is None and len(warnings) == 1
+    assert warnings[0].startswith("images: repetitions spread over 25%") and "fast path 45% (1-1.5 s)" in warnings[0]
+    assert "--repeats 5" in warnings[0]
+    assert judge_timings("images", 16, [2.0, 2.0, 2.0], [1.0, 1.2, 1.1], [0.8, 0.8, 0.8]) == ([], None)  # 18%
+
+
+def test_a_fast_path_faster_than_its_own_model_alone_is_impossible():
+    warnings, _ = judge_timings("mixed", 24, [3.0, 3.0, 3.0], [1.0, 1.01, 1.0], [1.5, 1.5, 1.51])
+    assert len(warnings) == 1 and warnings[0].startswith("mixed: the fast path's whole run (1 s) took less than")
+    # Within the margin or the spread, it is only noise.
+    assert judge_timings("mixed", 24, [3.0, 3.0, 3.0], [1.0, 1.0, 1.0], [1.03, 1.03, 1.03]) == ([], None)
+    assert judge_timings("mixed", 24, [3.0, 3.0, 3.0], [0.9, 1.0, 1.1], [1.1, 1.1, 1.1]) == ([], None)
+
+
+def test_one_sub_second_repetition_gives_no_ratio_in_text_or_json():
+    report = _report([0.1], [0.04], [0.03], items=4)
+    corpus = report.corpora["texts"]
+    assert corpus.speedup is None and corpus.speedup_refused == "1 repetition under 1 s; use --repeats 3 or --texts 128"
+    text = format_report(report)
+    row = next(line for line in text.splitlines() if line.startswith("texts "))
+    assert row.split()[4] == "n/a" and "x" not in row.split()[4]
+    assert text.startswith("model m on cpu") and text.splitlines()[0].endswith("prepared in turn, 1 repetition")
+    assert "timings not to trust:" in text and f"texts: speed-up n/a ({corpus.speedup_refused})" in text
+    assert "texts: too short to time" in text
+    data = json.loads(json.dumps(report.to_dict()))
+    assert data["corpora"]["texts"]["speedup"] is None
+    assert data["corpora"]["texts"]["speedup_refused"] == corpus.speedup_refused
+    assert data["warnings"] == data["corpora"]["texts"]["warnings"] == corpus.warnings
+    # One repetition of a long run keeps its ratio, with a word on its unknown spread.
+    long = _report([SINGLE_REPETITION_MIN_SECONDS * 3], [SINGLE_REPETITION_MIN_SECONDS * 1.5], [1.2])
+    assert long.corpora["texts"].speedup == pytest.approx(2.0)
+    assert long.warnings == ["texts: 1 repetition, so its spread is unknown; use --repeats 3"]
+
+
+def test_the_cache_is_judged_alike_but_its_warm_run_may_be_short():
+    assert judge_cache(24, [1.5, 1.6, 1.4], [0.015, 0.016, 0.015]) == ([], None)
+    warnings, refused = judge_cache(3, [0.2], [0.01])
+    assert refused is not None and refused.startswith("1 repetition under 1 s") and "--mixed 16" in refused
+    assert warnings[0] == f"cache: warm speed-up n/a ({refused})" and "cold run 0.2 s" in warnings[1]
+    assert "warm run" not in warnings[1]
+    cache = CacheResult(3, 0.2, 0.01, None, 0.0, [0.2], [0.01], refused, warnings)
+    report = BenchReport("m", "cpu", "cpu", "float32", 16, 1024, False, 1, 1, None, cache=cache)
+    assert "warm n/a faster" in format_report(report) and report.to_dict()["cache"]["warm_speedup"] is None
+    assert report.to_dict()["warnings"] == warnings
 
 
 def test_memory_is_measured_on_its_own_pass_and_timed_runs_keep_the_heap(tiny_path, monkeypatch):
@@ -150,11 +270,28 @@ def test_cli_json(tiny_path, capsys):
     assert data["workers"] == 2 and data["max_batch_tokens"] == 512 and data["corpora"]["texts"]["max_abs_diff"] <= 1e-5
 
 
+def test_cli_refuses_a_ratio_from_one_repetition_of_a_tiny_corpus(tiny_path, capsys):
+    options = ["--device", "cpu", "--texts", "2", "--images", "0", "--mixed", "0", "--repeats", "1"]
+    assert main(["bench", "--model", str(tiny_path), *options, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    texts = data["corpora"]["texts"]
+    assert texts["speedup"] is None and texts["speedup_refused"].startswith("1 repetition under 1 s; use --repeats 3")
+    assert texts["recipe"]["seconds"] > 0 and texts["max_abs_diff"] <= 1e-5  # the rest is still reported
+    assert data["warnings"][0] == f"texts: speed-up n/a ({texts['speedup_refused']})"
+    assert any(w.startswith("texts: too short to time") for w in data["warnings"])
+    assert main(["bench", "--model", str(tiny_path), *options]) == 0
+    text = capsys.readouterr().out
+    assert next(line for line in text.splitlines() if line.startswith("texts ")).split()[4] == "n/a"
+    assert "timings not to trust:\n  texts: speed-up n/a (1 repetition under 1 s" in text
+
+
 def test_cli_errors(capsys):
-    with pytest.raises(SystemExit, match="GPU"):
-        main(["bench", "--random-init", "e5v-8b", "--device", "cpu"])
-    with pytest.raises(SystemExit, match="--texts"):
+    assert main(["bench", "--random-init", "e5v-8b", "--device", "cpu"]) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("e5v bench: error: random_init='e5v-8b' is E5-V's full size") and "GPU" in line
+    with pytest.raises(SystemExit):
         main(["bench", "--texts", "-1"])
+    assert "--texts: expected 0 or a positive number, got '-1'" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["bench", "--random-init", "huge"])
     with pytest.raises(SystemExit):

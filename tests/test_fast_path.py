@@ -14,7 +14,7 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from e5v import Composed, E5VEmbedder, Interleaved, runner
-from e5v.errors import ModelLoadError
+from e5v.errors import MissingDependencyError
 from e5v.inputs import IMAGE_TOKEN, ImageLoader, composed_request, image_request, text_request
 from e5v.prompts import fill
 from e5v.reference import official_embedding
@@ -289,7 +289,7 @@ def test_quantization_without_bitsandbytes_says_how_to_fix(tiny_path):
         pytest.skip("bitsandbytes is installed here")
     except ImportError:
         pass
-    with pytest.raises(ModelLoadError, match="pip install bitsandbytes"):
+    with pytest.raises(MissingDependencyError, match=r"needs the package 'bitsandbytes'.*: pip install bitsandbytes"):
         E5VEmbedder(tiny_path, quantization="8bit")
 
 

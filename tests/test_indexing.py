@@ -89,15 +89,16 @@ def test_walk_finds_supported_files_recursively(tmp_path: Path) -> None:
     for name in ["b.png", "a.md", "sub/c.JPG", "sub/deep/d.txt", "sub/e.pdf", ".hidden.png", ".git/f.md"]:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
-    files, skipped = walk([tmp_path, tmp_path / "a.md"])  # a.md named twice: listed once
+    files, skipped, ignored = walk([tmp_path, tmp_path / "a.md"])  # a.md named twice: listed once
     assert files == sorted(tmp_path.resolve() / name for name in ["a.md", "b.png", "sub/c.JPG", "sub/deep/d.txt"])
     assert skipped == []
+    assert ignored == [tmp_path / "sub" / "e.pdf"]  # hidden files are not even counted
 
 
 def test_walk_reports_missing_and_unsupported_paths(tmp_path: Path) -> None:
     (tmp_path / "doc.pdf").write_bytes(b"%PDF")
-    files, skipped = walk([tmp_path / "doc.pdf", tmp_path / "missing"])
-    assert files == []
+    files, skipped, ignored = walk([tmp_path / "doc.pdf", tmp_path / "missing"])
+    assert files == [] and ignored == []
     assert [s.path for s in skipped] == [str(tmp_path / "doc.pdf"), str(tmp_path / "missing")]
     assert "unsupported file type" in skipped[0].reason
     assert "no such file or folder" in skipped[1].reason

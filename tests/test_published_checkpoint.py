@@ -57,6 +57,11 @@ def test_mismatched_patch_size_fails_clearly(tmp_path):
         E5VEmbedder(path, device="cpu")
 
 
-def test_missing_checkpoint_fails_clearly(tmp_path):
-    with pytest.raises(ModelLoadError, match="cannot load the processor"):
+def test_missing_checkpoint_fails_clearly(tmp_path, tiny_path):
+    with pytest.raises(ModelLoadError, match=r"no checkpoint folder .*nowhere.*; check the path"):
         E5VEmbedder(tmp_path / "nowhere", device="cpu")
+    with pytest.raises(ModelLoadError, match=r"a folder without config\.json, not a checkpoint"):
+        E5VEmbedder(tmp_path, device="cpu")
+    (tmp_path / "config.json").write_bytes((tiny_path / "config.json").read_bytes())  # weights and processor gone
+    with pytest.raises(ModelLoadError, match="cannot load the processor of"):
+        E5VEmbedder(tmp_path, device="cpu")

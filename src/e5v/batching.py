@@ -6,13 +6,15 @@ from collections import deque
 from collections.abc import Iterator, Sequence
 from typing import TypeVar
 
+from e5v.errors import ConfigurationError
+
 __all__ = ["BATCH_COST_TOKENS", "check_batch_size", "chunked", "plan_batches"]
 
 T = TypeVar("T")
 
 #: A forward pass's fixed cost, in tokens' worth of compute: the per-layer launches and
 #: Python overhead that a batch pays whatever its size. On the small benchmark model on a
-#: 2-core CPU one forward of a short text costs about 13 ms plus 0.12 ms a token (README).
+#: 2-core CPU one forward of a short text costs about 13 ms plus 0.12 ms a token (docs/performance.md).
 BATCH_COST_TOKENS = 128
 
 
@@ -79,7 +81,7 @@ def _push(candidates: deque[int], stop: int, best: list[int], width: int) -> Non
 def check_batch_size(value: object) -> None:
     """Refuse a ``batch_size`` option other than ``"auto"`` or a positive integer."""
     if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"batch_size must be 'auto' or a positive integer, got {value!r}")
+        raise ConfigurationError(f"batch_size must be 'auto' or a positive integer, got {value!r}")
 
 
 def chunked(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:

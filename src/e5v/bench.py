@@ -38,6 +38,13 @@ layers that run (up to the one the features are read from: 23 of CLIP-L's 24 for
 corpus also times the fast path's stages apart: preparing every item on one thread, and
 the model alone on the prepared batches (``model_fraction_of_peak``), which tells a
 model-bound run from one that waits on the host.
+
+Every repetition's time is kept (``times``, ``model_times``) and judged by
+:func:`judge_timings`: a corpus whose paths ran too briefly, spread too widely across
+repetitions, or whose fast path took less than its own model alone gets plain-English
+``warnings``; with one repetition under :data:`SINGLE_REPETITION_MIN_SECONDS` its
+``speedup`` is ``None`` and ``speedup_refused`` says why. The cache's cold and warm runs
+are repeated and judged alike.
 """
 
 from __future__ import annotations
@@ -45,10 +52,11 @@ from __future__ import annotations
 import ctypes
 import gc
 import logging
+import math
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -60,14 +68,28 @@ from PIL import Image
 from e5v import runner
 from e5v.batching import plan_batches
 from e5v.embedder import E5VEmbedder
-from e5v.errors import E5VError
+from e5v.errors import ConfigurationError, E5VError
 from e5v.inputs import Composed, ImageLoader
 from e5v.loading import LoadedModel, add_image_token_row
 from e5v.prompts import fill
 from e5v.reference import official_embedding
 from e5v.testing import COMMON_WORDS
 
-__all__ = ["BenchReport", "PEAK_TFLOPS", "format_report", "make_corpus", "model_flops", "peak_tflops_for", "run_bench"]
+__all__ = [
+    "MAX_RELATIVE_SPREAD",
+    "MIN_TIMED_SECONDS",
+    "MODEL_ALONE_MARGIN",
+    "PEAK_TFLOPS",
+    "SINGLE_REPETITION_MIN_SECONDS",
+    "BenchReport",
+    "format_report",
+    "judge_cache",
+    "judge_timings",
+    "make_corpus",
+    "model_flops",
+    "peak_tflops_for",
+    "run_bench",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +106,15 @@ PEAK_TFLOPS: tuple[tuple[str, float], ...] = (
     ("L4", 121.0),
 )
 
+#: Shortest median seconds of a path's repetition to trust: one GC pass or lost scheduler slice (~30 ms) stays <10%.
+MIN_TIMED_SECONDS = 0.3
+#: Widest (max - min) / median of a path's repetitions to trust: beyond it, drift outweighs a 1.2x speed-up (photos).
+MAX_RELATIVE_SPREAD = 0.25
+#: With one repetition, no ratio of paths under this many seconds: nothing tells a stall from the signal.
+SINGLE_REPETITION_MIN_SECONDS = 1.0
+#: Least shortfall of the fast path's whole time under its model alone, beyond their spreads, called impossible.
+MODEL_ALONE_MARGIN = 0.05
+
 _PHOTOS = ("astronaut", "chelsea", "coffee", "rocket", "hubble_deep_field", "immunohistochemistry", "colorwheel")
 _EDITS = ("make it red", "at night", "in the snow", "with long sleeves", "seen from above", "as a sketch")
 
@@ -98,6 +129,7 @@ class PathResult:
     activation_mb_per_item: float | None  # peak / items held at once (recipe: 1, fast: largest batch x busy workers)
     tflops_per_s: float
     fraction_of_peak: float | None
+    times: list[float] = field(default_factory=list)  # every repetition's seconds, in order
 
 
 @dataclass
@@ -105,7 +137,7 @@ class CorpusResult:
     items: int
     recipe: PathResult
     fast: PathResult
-    speedup: float
+    speedup: float | None  # recipe / fast medians; None where speedup_refused says why
     max_abs_diff: float
     #: The fast path's two stages apart: preparing every item on one thread (image
     #: processor, tokenizer), and the model alone on the prepared batches (median).
@@ -113,15 +145,22 @@ class CorpusResult:
     model_seconds: float
     model_tflops_per_s: float
     model_fraction_of_peak: float | None
+    model_times: list[float] = field(default_factory=list)  # the model alone's every repetition
+    speedup_refused: str | None = None  # why there is no speed-up (one repetition of a sub-second run)
+    warnings: list[str] = field(default_factory=list)  # timings not to trust, each naming the corpus
 
 
 @dataclass
 class CacheResult:
     items: int
-    cold_seconds: float
-    warm_seconds: float
-    warm_speedup: float  # cold / warm
+    cold_seconds: float  # median over repetitions, each with a fresh cache
+    warm_seconds: float  # median
+    warm_speedup: float | None  # cold / warm medians; None where warm_speedup_refused says why
     max_abs_diff: float  # warm against cold vectors
+    cold_times: list[float] = field(default_factory=list)
+    warm_times: list[float] = field(default_factory=list)
+    warm_speedup_refused: str | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -139,8 +178,15 @@ class BenchReport:
     corpora: dict[str, CorpusResult] = field(default_factory=dict)
     cache: CacheResult | None = None
 
+    @property
+    def warnings(self) -> list[str]:
+        """Every corpus's warnings, then the cache's."""
+        found = [warning for result in self.corpora.values() for warning in result.warnings]
+        return found + (self.cache.warnings if self.cache is not None else [])
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The report as JSON-ready data, with every warning also in a top-level ``warnings``."""
+        return {**asdict(self), "warnings": self.warnings}
 
 
 # -- corpus ---------------------------------------------------------------------------
@@ -285,6 +331,95 @@ def peak_tflops_for(device_name: str) -> float | None:
     return next((peak for key, peak in PEAK_TFLOPS if key in device_name), None)
 
 
+# -- judging the timings --------------------------------------------------------------
+
+
+def judge_timings(
+    corpus: str, items: int, recipe: Sequence[float], fast: Sequence[float], model_alone: Sequence[float]
+) -> tuple[list[str], str | None]:
+    """Warnings on one corpus's timings, and why its speed-up is refused (``None``: it stands).
+
+    ``recipe``, ``fast`` and ``model_alone`` hold every repetition's seconds of each path.
+    """
+    option = f"--{corpus}"
+    times = {"recipe": recipe, "fast path": fast, "model alone": model_alone}
+    warnings, refused = _judge(corpus, option, items, times, ratio_of=("recipe", "fast path"), ratio="speed-up")
+    whole, part = statistics.median(fast), statistics.median(model_alone)
+    allowance = max(MODEL_ALONE_MARGIN, _spread(fast), _spread(model_alone))
+    if whole < part * (1 - allowance):
+        warnings.append(
+            f"{corpus}: the fast path's whole run ({_s(whole)}) took less than its model alone ({_s(part)}), "
+            f"which cannot be: the machine's speed changed between the two; use --repeats "
+            f"{max(5, len(fast) + 2)} on a quieter machine"
+        )
+    return warnings, refused
+
+
+def judge_cache(items: int, cold: Sequence[float], warm: Sequence[float]) -> tuple[list[str], str | None]:
+    """:func:`judge_timings` for the cache's runs; the warm run may be short, being the point."""
+    times = {"cold run": cold, "warm run": warm}
+    return _judge(
+        "cache", "--mixed", items, times, ratio_of=("cold run",), ratio="warm speed-up", short_ok={"warm run"}
+    )
+
+
+def _judge(
+    label: str,
+    option: str,
+    items: int,
+    times: dict[str, Sequence[float]],
+    *,
+    ratio_of: Sequence[str],
+    ratio: str,
+    short_ok: Collection[str] = (),
+) -> tuple[list[str], str | None]:
+    """Warnings on short, spread or single repetitions, and the refusal of a ratio of ``ratio_of``'s paths."""
+    repetitions = min(len(seconds) for seconds in times.values())
+    medians = {name: statistics.median(seconds) for name, seconds in times.items()}
+    warnings: list[str] = []
+    refused = None
+    shortest = min(medians[name] for name in ratio_of)
+    if repetitions == 1 and shortest < SINGLE_REPETITION_MIN_SECONDS:
+        larger = _larger_corpus(items, shortest, SINGLE_REPETITION_MIN_SECONDS)
+        refused = f"1 repetition under {SINGLE_REPETITION_MIN_SECONDS:g} s; use --repeats 3 or {option} {larger}"
+        warnings.append(f"{label}: {ratio} n/a ({refused})")
+    short = {name: median for name, median in medians.items() if name not in short_ok and median < MIN_TIMED_SECONDS}
+    if short:
+        listed = ", ".join(f"{name} {_s(median)}" for name, median in short.items())
+        larger = _larger_corpus(items, min(short.values()), MIN_TIMED_SECONDS)
+        warnings.append(
+            f"{label}: too short to time (under {MIN_TIMED_SECONDS:g} s a repetition): {listed}; "
+            f"use {option} {larger} or more"
+        )
+    wide = {name: seconds for name, seconds in times.items() if _spread(seconds) > MAX_RELATIVE_SPREAD}
+    if wide:
+        listed = ", ".join(
+            f"{name} {_spread(seconds):.0%} ({min(seconds):.3g}-{max(seconds):.3g} s)" for name, seconds in wide.items()
+        )
+        warnings.append(
+            f"{label}: repetitions spread over {MAX_RELATIVE_SPREAD:.0%} of their median: {listed}; the machine's "
+            f"speed changed during the run: use --repeats {max(5, repetitions + 2)} on a quieter machine"
+        )
+    if repetitions == 1 and refused is None:
+        warnings.append(f"{label}: 1 repetition, so its spread is unknown; use --repeats 3")
+    return warnings, refused
+
+
+def _spread(seconds: Sequence[float]) -> float:
+    """(max - min) / median: 0 for one repetition."""
+    return (max(seconds) - min(seconds)) / max(statistics.median(seconds), 1e-12)
+
+
+def _larger_corpus(items: int, seconds: float, target: float) -> int:
+    """Items for ``target`` seconds at ``items`` in ``seconds``, up to a power of two (batching is sublinear)."""
+    needed = items * target / max(seconds, 1e-12)
+    return max(items + 1, 1 << math.ceil(math.log2(max(needed, 1.0))))
+
+
+def _s(seconds: float) -> str:
+    return f"{seconds:.3g} s"
+
+
 # -- the benchmark --------------------------------------------------------------------
 
 
@@ -320,18 +455,20 @@ def _timed(run: Callable[[], np.ndarray], device: torch.device) -> tuple[float, 
     return time.perf_counter() - start, vectors
 
 
-def _model_alone(loaded: LoadedModel, batches: list[list[runner.Encoded]], repeats: int, device: torch.device) -> float:
-    """Median seconds of the fast path's model alone over prepared batches."""
+def _model_alone(
+    loaded: LoadedModel, batches: list[list[runner.Encoded]], repeats: int, device: torch.device
+) -> list[float]:
+    """Every repetition's seconds of the fast path's model alone over prepared batches."""
 
     def run() -> np.ndarray:
         with torch.inference_mode():
             return np.concatenate([runner.forward(loaded, batch).cpu().numpy() for batch in batches])
 
-    return statistics.median(_timed(run, device)[0] for _ in range(repeats))
+    return [_timed(run, device)[0] for _ in range(repeats)]
 
 
 def _bench_corpus(
-    embedder: E5VEmbedder, items: list[Any], repeats: int, peak: float | None, memory: _Memory
+    corpus: str, embedder: E5VEmbedder, items: list[Any], repeats: int, peak: float | None, memory: _Memory
 ) -> CorpusResult:
     loaded = embedder._loaded
     inputs = _recipe_inputs(embedder, items)
@@ -355,7 +492,8 @@ def _bench_corpus(
         [item.length for item in encoded], max_items=embedder.batch_size, max_tokens=embedder.max_batch_tokens
     )
     held = max(len(batch) for batch in plan) * (embedder.workers if len(plan) > 1 else 1)
-    model_seconds = _model_alone(loaded, [[encoded[i] for i in batch] for batch in plan], repeats, memory.device)
+    model_times = _model_alone(loaded, [[encoded[i] for i in batch] for batch in plan], repeats, memory.device)
+    model_seconds = statistics.median(model_times)
     del encoded
     # An untimed pass of each path measures its peak memory; the timed repeats then run
     # as in a long-running process, keeping freed memory for reuse.
@@ -379,25 +517,33 @@ def _bench_corpus(
             activation_mb_per_item=None if peak_mb is None else peak_mb / at_once,
             tflops_per_s=achieved,
             fraction_of_peak=None if peak is None else achieved / peak,
+            times=times[name],
         )
 
     recipe_result = result("recipe", 1)
     fast_result = result("fast", held)
+    warnings, refused = judge_timings(corpus, len(items), times["recipe"], times["fast"], model_times)
     return CorpusResult(
         items=len(items),
         recipe=recipe_result,
         fast=fast_result,
-        speedup=recipe_result.seconds / fast_result.seconds,
+        speedup=None if refused else recipe_result.seconds / fast_result.seconds,
         max_abs_diff=float(np.abs(vectors["recipe"] - vectors["fast"]).max()),
         prepare_seconds=prepare_seconds,
         model_seconds=model_seconds,
         model_tflops_per_s=flops / model_seconds / 1e12,
         model_fraction_of_peak=None if peak is None else flops / model_seconds / 1e12 / peak,
+        model_times=model_times,
+        speedup_refused=refused,
+        warnings=warnings,
     )
 
 
-def _bench_cache(loaded: LoadedModel, items: list[Any], batch_size: int) -> CacheResult:
-    """Cold then warm runs of the fast path with a fresh cache; images as PNG files."""
+def _bench_cache(loaded: LoadedModel, items: list[Any], batch_size: int, repeats: int) -> CacheResult:
+    """``repeats`` cold runs of the fast path, each on a fresh cache and followed by a warm run; images as PNGs."""
+    cold_times: list[float] = []
+    warm_times: list[float] = []
+    max_abs_diff = 0.0
     with tempfile.TemporaryDirectory(prefix="e5v-bench-") as root:
         files: list[Any] = []
         for index, item in enumerate(items):
@@ -407,22 +553,31 @@ def _bench_cache(loaded: LoadedModel, items: list[Any], batch_size: int) -> Cach
                 files.append(path)
             else:
                 files.append(item)
-        cold_embedder = E5VEmbedder(loaded, batch_size=batch_size, cache=Path(root) / "cache")
-        start = time.perf_counter()
-        cold = cold_embedder.embed(files)
-        cold_seconds = time.perf_counter() - start
-        warm_embedder = E5VEmbedder(loaded, batch_size=batch_size, cache=Path(root) / "cache")
-        start = time.perf_counter()
-        warm = warm_embedder.embed(files)
-        warm_seconds = time.perf_counter() - start
-        if warm_embedder.cache is not None and warm_embedder.cache.misses:
-            logger.warning("warm cache run missed %d items", warm_embedder.cache.misses)
+        for repeat in range(repeats):
+            directory = Path(root) / f"cache-{repeat}"
+            cold_embedder = E5VEmbedder(loaded, batch_size=batch_size, cache=directory)
+            start = time.perf_counter()
+            cold = cold_embedder.embed(files)
+            cold_times.append(time.perf_counter() - start)
+            warm_embedder = E5VEmbedder(loaded, batch_size=batch_size, cache=directory)
+            start = time.perf_counter()
+            warm = warm_embedder.embed(files)
+            warm_times.append(time.perf_counter() - start)
+            if warm_embedder.cache is not None and warm_embedder.cache.misses:
+                logger.warning("warm cache run missed %d items", warm_embedder.cache.misses)
+            max_abs_diff = max(max_abs_diff, float(np.abs(cold - warm).max()))
+    cold_seconds, warm_seconds = statistics.median(cold_times), statistics.median(warm_times)
+    warnings, refused = judge_cache(len(items), cold_times, warm_times)
     return CacheResult(
         items=len(items),
         cold_seconds=cold_seconds,
         warm_seconds=warm_seconds,
-        warm_speedup=cold_seconds / warm_seconds,
-        max_abs_diff=float(np.abs(cold - warm).max()),
+        warm_speedup=None if refused else cold_seconds / warm_seconds,
+        max_abs_diff=max_abs_diff,
+        cold_times=cold_times,
+        warm_times=warm_times,
+        warm_speedup_refused=refused,
+        warnings=warnings,
     )
 
 
@@ -448,7 +603,7 @@ def run_bench(
     ``model`` is a hub id, a local checkpoint or a :class:`~e5v.loading.LoadedModel`;
     or ``random_init`` names a :data:`e5v.testing.PRESETS` preset built with random
     weights directly on ``device`` in ``dtype`` (nothing downloaded). ``cache`` adds
-    cold and warm runs of a fresh embedding cache on the mixed corpus.
+    cold and warm runs of a fresh embedding cache on the mixed corpus, ``repeats`` times.
     """
     loaded = _load(model, random_init, device, dtype, seed)
     add_image_token_row(loaded.model)  # the recipe's one-time fix, outside every measurement
@@ -472,9 +627,10 @@ def run_bench(
     for name, items in make_corpus(texts, images, mixed, seed=seed).items():
         if items:
             logger.info("benchmarking %d %s", len(items), name)
-            report.corpora[name] = _bench_corpus(embedder, items, repeats, peak, memory)
+            report.corpora[name] = _bench_corpus(name, embedder, items, repeats, peak, memory)
     if cache and mixed:
-        report.cache = _bench_cache(loaded, make_corpus(0, 0, mixed, seed=seed + 1)["mixed"], embedder.batch_size)
+        cached = make_corpus(0, 0, mixed, seed=seed + 1)["mixed"]
+        report.cache = _bench_cache(loaded, cached, embedder.batch_size, repeats)
     return report
 
 
@@ -495,7 +651,7 @@ def _load(
         raise ValueError(f"unknown random_init {random_init!r}; use one of {sorted(PRESETS)}")
     target = loading.resolve_device(device)
     if random_init == "e5v-8b" and target.type == "cpu":
-        raise E5VError(
+        raise ConfigurationError(
             "random_init='e5v-8b' is E5-V's full size: 8.4B parameters, 32 GB in float32 or 16 GB in "
             "bfloat16, far too slow on a CPU; run it on a GPU (--device cuda --dtype bfloat16) or use 'small'"
         )
@@ -511,24 +667,25 @@ def _preparation(report: BenchReport) -> str:
 
 
 def format_report(report: BenchReport) -> str:
-    """The report as plain-text tables."""
+    """The report as plain-text tables, then the warnings on timings not to trust."""
 
     def mb(value: float | None) -> str:
         return "n/a" if value is None else f"{value:,.0f}"
 
+    repetitions = f"median of {report.repeats} interleaved repetitions" if report.repeats > 1 else "1 repetition"
     lines = [
         f"model {report.model} on {report.device} ({report.device_name}), {report.dtype}, "
         f"batch size {report.batch_size}, {report.max_batch_tokens or 'unlimited'} tokens a batch, "
-        f"{_preparation(report)}, "
-        f"median of {report.repeats} interleaved repetitions",
+        f"{_preparation(report)}, {repetitions}",
         "",
         f"{'corpus':<8}{'items':>6}{'recipe it/s':>13}{'fast it/s':>11}{'speed-up':>10}"
         f"{'recipe peak MiB':>17}{'fast peak MiB':>15}{'max |Δ|':>10}",
     ]
     for name, result in report.corpora.items():
+        speedup = f"{'n/a':>10}" if result.speedup is None else f"{result.speedup:>9.2f}x"
         lines.append(
             f"{name:<8}{result.items:>6}{result.recipe.items_per_s:>13.2f}{result.fast.items_per_s:>11.2f}"
-            f"{result.speedup:>9.2f}x{mb(result.recipe.peak_memory_mb):>17}{mb(result.fast.peak_memory_mb):>15}"
+            f"{speedup}{mb(result.recipe.peak_memory_mb):>17}{mb(result.fast.peak_memory_mb):>15}"
             f"{result.max_abs_diff:>10.1e}"
         )
     images = report.corpora.get("images")
@@ -548,9 +705,12 @@ def format_report(report: BenchReport) -> str:
         )
     if report.cache is not None:
         c = report.cache
+        faster = "n/a" if c.warm_speedup is None else f"{c.warm_speedup:.0f}x"
         lines += [
             "",
             f"cache ({c.items} mixed items): cold {c.cold_seconds:.2f} s, warm {c.warm_seconds:.3f} s, "
-            f"warm {c.warm_speedup:.0f}x faster, max |Δ| {c.max_abs_diff:.1e}",
+            f"warm {faster} faster, max |Δ| {c.max_abs_diff:.1e}",
         ]
+    if report.warnings:
+        lines += ["", "timings not to trust:", *(f"  {warning}" for warning in report.warnings)]
     return "\n".join(lines)

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from e5v.errors import ConfigurationError
 from e5v.inputs import update_digest
 
 __all__ = ["EmbeddingCache", "entry_key", "image_digest", "path_fingerprint"]
@@ -45,7 +46,9 @@ class EmbeddingCache:
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise ValueError(f"cannot create the embedding cache folder {str(self.directory)!r}: {exc}") from exc
+            raise ConfigurationError(
+                f"cannot create the embedding cache folder {str(self.directory)!r}: {exc}"
+            ) from exc
         self.hits = 0
         self.misses = 0
         self._count_lock = threading.Lock()

@@ -20,7 +20,7 @@ from e5v import loading, runner
 from e5v.batching import check_batch_size, chunked, plan_batches
 from e5v.cache import EmbeddingCache, entry_key, image_digest, path_fingerprint
 from e5v.defaults import DEFAULT_MODEL
-from e5v.errors import EmbeddingError, InvalidInputError, ModelLoadError
+from e5v.errors import ConfigurationError, EmbeddingError, InvalidInputError
 from e5v.inputs import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageLoader,
@@ -33,6 +33,7 @@ from e5v.inputs import (
     text_request,
     to_request,
 )
+from e5v.optional import require
 from e5v.prompts import IMAGE_TOKEN, PromptSet, check_body, fill, get_prompts
 from e5v.remote import RemotePolicy
 
@@ -100,9 +101,9 @@ class E5VEmbedder:
     only slows it down (2x on images on a 2-core machine). On a CPU, ``workers=N``
     runs N batches at once, each prepared and forwarded on its own thread with an
     equal share of torch's threads: one batch's preparation and per-operation overhead
-    overlap another's compute (off by default; measured in the README's Performance
-    section); a call of one batch (a query) runs on the calling thread with all of
-    torch's threads. Accelerators run one batch at a time. Every ``embed*`` method also
+    overlap another's compute (off by default; measured in docs/performance.md); a
+    call of one batch (a query) runs on the calling thread with all of torch's
+    threads. Accelerators run one batch at a time. Every ``embed*`` method also
     takes ``batch_size`` and ``show_progress_bar`` for that call (``None``: the embedder's).
     The same checkpoint loaded twice with the same options is shared, not reloaded.
     """
@@ -133,10 +134,11 @@ class E5VEmbedder:
         workers: int = 1,
     ) -> None:
         check_batch_size(batch_size)
+        _check_token_budget(max_batch_tokens)
         if not isinstance(workers, int) or workers < 1:
-            raise ValueError(f"workers must be a number at least 1, got {workers!r}")
+            raise ConfigurationError(f"workers must be a number at least 1, got {workers!r}")
         if max_image_tiles is not None and max_image_tiles < 0:
-            raise ValueError(f"max_image_tiles must be None or at least 0, got {max_image_tiles}")
+            raise ConfigurationError(f"max_image_tiles must be None or at least 0, got {max_image_tiles}")
         self.max_image_tiles = max_image_tiles
         self.prompts = get_prompts(prompts)
         self.max_text_tokens = max_text_tokens
@@ -159,7 +161,9 @@ class E5VEmbedder:
                 adapter=adapter,
             )
         if workers > 1 and self._loaded.input_device.type != "cpu":
-            raise ValueError(f"workers={workers} runs batches side by side on CPU threads, not on {self.device}")
+            raise ConfigurationError(
+                f"workers={workers} runs batches side by side on CPU threads, not on {self.device}"
+            )
         self.workers = workers
         self.batch_size = _batch_size(batch_size, self._loaded.input_device)
         self.max_batch_tokens = _batch_token_budget(max_batch_tokens, self._loaded.input_device, workers)
@@ -521,16 +525,10 @@ def _quantization_kwargs(
 ) -> dict[str, Any]:
     """``model_kwargs`` with a bitsandbytes config; the vision tower and projector stay unquantised."""
     if quantization not in ("8bit", "4bit"):
-        raise ValueError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        raise ModelLoadError(
-            f"quantization={quantization!r} needs bitsandbytes, which is not installed: "
-            "pip install bitsandbytes (and a CUDA GPU), or leave quantization=None"
-        ) from None
+        raise ConfigurationError(f"quantization must be None, '8bit' or '4bit', got {quantization!r}")
+    require("bitsandbytes", "quantization")
     if device.type != "cuda":
-        raise ModelLoadError(f"quantization={quantization!r} runs on CUDA only, not on {device}; use dtype instead")
+        raise ConfigurationError(f"quantization={quantization!r} runs on CUDA only, not on {device}; use dtype instead")
     from transformers import BitsAndBytesConfig
 
     skip = ["vision_tower", "multi_modal_projector", "lm_head"]
@@ -555,9 +553,13 @@ def _batch_token_budget(option: int | str | None, device: torch.device, workers:
     """``"auto"``: the device's tokens in flight, an equal share for each worker's batch."""
     if option == "auto":
         return max(1, AUTO_MAX_BATCH_TOKENS.get(device.type, GPU_MAX_BATCH_TOKENS) // workers)
-    if option is not None and (not isinstance(option, int) or option < 1):
-        raise ValueError(f"max_batch_tokens must be 'auto', None or at least 1, got {option!r}")
-    return option
+    _check_token_budget(option)
+    return option  # type: ignore[return-value]
+
+
+def _check_token_budget(option: object) -> None:
+    if option not in ("auto", None) and (isinstance(option, bool) or not isinstance(option, int) or option < 1):
+        raise ConfigurationError(f"max_batch_tokens must be 'auto', None or at least 1, got {option!r}")
 
 
 def _bodies_of(prompt_set: PromptSet) -> dict[str, str]:

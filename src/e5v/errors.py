@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["E5VError", "InvalidInputError", "ModelLoadError", "EmbeddingError"]
+__all__ = [
+    "ConfigurationError",
+    "E5VError",
+    "EmbeddingError",
+    "InvalidInputError",
+    "MissingDependencyError",
+    "ModelLoadError",
+]
 
 
 class E5VError(Exception):
@@ -15,6 +22,14 @@ class InvalidInputError(E5VError, ValueError):
     def __init__(self, message: str, *, index: int | None = None) -> None:
         super().__init__(message if index is None else f"item {index}: {message}")
         self.index = index
+
+
+class ConfigurationError(E5VError, ValueError):
+    """An option has a value e5v cannot use (a device, a dtype, a size); the message lists valid ones."""
+
+
+class MissingDependencyError(E5VError, ImportError):
+    """An optional feature's package is not installed; the message says what to install."""
 
 
 class ModelLoadError(E5VError):

@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 from e5v.errors import InvalidInputError
 from e5v.inputs import ImageLoader
@@ -28,6 +28,7 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "TEXT_SUFFIXES",
     "FileRecords",
+    "Walked",
     "Passage",
     "Record",
     "SkippedPath",
@@ -157,15 +158,25 @@ def _fit(text: str, start: int, end: int, max_chars: int) -> Iterator[tuple[int,
         yield (cut, min(cut + max_chars, end))
 
 
-def walk(paths: Iterable[str | Path]) -> tuple[list[Path], list[SkippedPath]]:
+class Walked(NamedTuple):
+    """What :func:`walk` found: files to index, named paths that cannot be, and the files
+    of other types inside folders (left out, for the summary)."""
+
+    files: list[Path]
+    skipped: list[SkippedPath]
+    ignored: list[Path]
+
+
+def walk(paths: Iterable[str | Path]) -> Walked:
     """Files to index under ``paths`` (files and folders, recursively), sorted, each once.
 
-    Hidden files and folders (name starting with ``.``) inside folders are left out, as
-    are files of other types; symlinked folders are not followed. A named path that is
-    missing, or a named file of another type, is returned as skipped.
+    Hidden files and folders (name starting with ``.``) inside folders are left out;
+    files of other types are listed as ignored; symlinked folders are not followed. A
+    named path that is missing, or a named file of another type, is returned as skipped.
     """
     found: dict[Path, None] = {}
     skipped: list[SkippedPath] = []
+    ignored: list[Path] = []
     for given in paths:
         path = Path(given).expanduser()
         if path.is_dir():
@@ -173,7 +184,11 @@ def walk(paths: Iterable[str | Path]) -> tuple[list[Path], list[SkippedPath]]:
                 dirs[:] = sorted(name for name in dirs if not name.startswith("."))
                 for name in sorted(files):
                     candidate = Path(root, name)
-                    if not name.startswith(".") and _kind(candidate) is not None:
+                    if name.startswith("."):
+                        continue
+                    if _kind(candidate) is None:
+                        ignored.append(candidate)
+                    else:
                         found.setdefault(candidate.resolve(), None)
         elif path.is_file():
             if _kind(path) is None:
@@ -185,7 +200,7 @@ def walk(paths: Iterable[str | Path]) -> tuple[list[Path], list[SkippedPath]]:
             skipped.append(SkippedPath(str(path), "not a regular file or folder"))
         else:
             skipped.append(SkippedPath(str(path), f"no such file or folder (from {os.getcwd()!r})"))
-    return sorted(found), skipped
+    return Walked(sorted(found), skipped, ignored)
 
 
 def _kind(path: Path) -> Kind | None:

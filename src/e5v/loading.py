@@ -15,15 +15,23 @@ already in memory (:func:`clear_cache` forgets them).
 
 from __future__ import annotations
 
+import functools
 import logging
+import os
+import re
 import threading
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from e5v.errors import ModelLoadError
+from e5v.defaults import DEFAULT_MODEL
+from e5v.errors import ConfigurationError, ModelLoadError
+from e5v.optional import require
 
 __all__ = [
     "LoadedModel",
@@ -31,8 +39,12 @@ __all__ = [
     "clear_cache",
     "load",
     "merge_adapter",
+    "parse_device",
+    "quiet_peft",
+    "quiet_transformers",
     "resolve_device",
     "resolve_dtype",
+    "resolve_source",
 ]
 
 logger = logging.getLogger(__name__)
@@ -47,27 +59,171 @@ _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
 }
+#: The dtype names an error message lists.
+DTYPE_NAMES = "float32, bfloat16, float16 (or fp32, bf16, fp16)"
+#: Seconds to wait for the Hub to answer before loading from the cache or failing.
+HUB_PROBE_TIMEOUT = 5.0
+#: What the Hub accepts as a repository id (``name`` or ``namespace/name``); anything else is a path.
+_HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?(?:/[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?)?")
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` means CUDA when available, else CPU."""
+    """``None`` means CUDA when available, else CPU; a device this machine lacks raises
+    :class:`~e5v.errors.ConfigurationError` listing the ones it has."""
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    parsed = parse_device(device)
+    if parsed.type == "cpu":
+        return parsed
+    backend = _backend(parsed.type)
+    if backend is None:
+        raise ConfigurationError(f"e5v does not run on {parsed.type!r} devices ({device!r}); {_devices_here()}")
+    if not backend.is_available():
+        why = (
+            f"this torch ({torch.__version__}) was built without CUDA; install a CUDA build of torch"
+            if parsed.type == "cuda" and torch.version.cuda is None
+            else f"no {parsed.type} device is visible"
+        )
+        raise ConfigurationError(f"device {device!r} is not available: {why}; {_devices_here()}")
+    if parsed.index is not None and parsed.index >= backend.device_count():
+        raise ConfigurationError(f"device {device!r} does not exist; {_devices_here()}")
+    return parsed
+
+
+def parse_device(device: str | torch.device) -> torch.device:
+    """``device`` as a ``torch.device``, without checking this machine has it."""
+    try:
+        return device if isinstance(device, torch.device) else torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise ConfigurationError(f"unknown device {device!r}; use cpu, cuda, cuda:N, mps or xpu") from None
+
+
+def _backend(kind: str) -> Any:
+    """torch's module for a device type with ``is_available`` and ``device_count``, if any."""
+    backend = getattr(torch, kind, None)
+    if backend is None or not hasattr(backend, "is_available") or not hasattr(backend, "device_count"):
+        return None
+    return backend
+
+
+def _devices_here() -> str:
+    devices = ["cpu"]
+    for kind in ("cuda", "xpu", "mps"):
+        backend = _backend(kind)
+        if backend is not None and backend.is_available():
+            count = backend.device_count()
+            devices += [kind, *(f"{kind}:{i}" for i in range(count))] if count > 1 else [kind]
+    return f"this machine has: {', '.join(devices)}"
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    """``None`` means bfloat16 (float16 where unsupported) on GPU and float32 elsewhere."""
+    """``None`` means bfloat16 (float16 where unsupported) on GPU and float32 elsewhere;
+    an unknown name raises :class:`~e5v.errors.ConfigurationError` listing the valid ones."""
     if dtype is None:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     if isinstance(dtype, torch.dtype):
+        if dtype not in _DTYPES.values():
+            raise ConfigurationError(f"dtype {dtype} is not supported; use one of {DTYPE_NAMES}")
         return dtype
     try:
         return _DTYPES[str(dtype).lower().removeprefix("torch.")]
     except KeyError:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+        raise ConfigurationError(f"unknown dtype {dtype!r}; use one of {DTYPE_NAMES}") from None
+
+
+def resolve_source(
+    name: str | Path, *, revision: str | None = None, cache_dir: str | Path | None = None
+) -> dict[str, Any]:
+    """Where ``name`` loads from, checked before anything is downloaded or created:
+    ``from_pretrained`` options (``local_files_only``), or :class:`ModelLoadError`.
+
+    A local folder must hold a ``config.json``. A hub id loads from the Hub when the Hub
+    answers; offline (``HF_HUB_OFFLINE=1``) or unreachable, from the cache if the model
+    is there, else it fails at once, saying what to do, instead of retrying for minutes.
+    """
+    text = str(name)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(
+                f"{text!r} is a folder without config.json, not a checkpoint; pass a folder written by "
+                "save_pretrained (e.g. a downloaded royokong/e5-v) or a hub id"
+            )
+        return {}
+    if path.exists():
+        raise ModelLoadError(f"{text!r} is a file, not a checkpoint folder; pass the folder that holds config.json")
+    if not _HUB_ID.fullmatch(text):
+        raise ModelLoadError(
+            f"no checkpoint folder {text!r} (from {os.getcwd()!r}); check the path, or pass a hub id such as "
+            f"{DEFAULT_MODEL!r}"
+        )
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    cached = isinstance(try_to_load_from_cache(text, "config.json", cache_dir=cache_dir, revision=revision), str)
+    if constants.is_offline_mode():
+        if cached:
+            return {"local_files_only": True}
+        raise ModelLoadError(f"{text!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 is set. {_OFFLINE_HELP}")
+    problem = _hub_problem(constants.ENDPOINT)
+    if problem is None:
+        return {}
+    if cached:
+        logger.warning("the Hugging Face Hub is unreachable (%s); loading %s from the cache", problem, text)
+        return {"local_files_only": True}
+    raise ModelLoadError(
+        f"cannot download {text!r}: the Hugging Face Hub ({constants.ENDPOINT}) is unreachable ({problem}) and "
+        f"the model is not in the cache. {_OFFLINE_HELP}"
+    )
+
+
+_OFFLINE_HELP = (
+    "Pass the folder of a downloaded checkpoint instead (--model DIR on the command line), or download the "
+    "model where the Hub is reachable (hf download royokong/e5-v) and set HF_HUB_OFFLINE=1. To try e5v "
+    'offline with random weights: python -c "from e5v.testing import build_tiny_checkpoint as b; '
+    "b('tiny-e5v')\" and --model tiny-e5v"
+)
+
+
+@functools.lru_cache(maxsize=8)
+def _hub_problem(endpoint: str) -> str | None:
+    """Why ``endpoint`` cannot be reached (one request, no retries), or ``None`` if it answers."""
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(endpoint, timeout=HUB_PROBE_TIMEOUT)
+    except Exception as exc:  # any transport failure means the downloads would fail too
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Hide the FutureWarning peft's ``PeftModel`` triggers on transformers 5 (it reads the
+    deprecated ``is_gradient_checkpointing``); nothing for a user to change."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        yield
+
+
+def _first_line(exc: BaseException) -> str:
+    """An exception's message up to its first line break, without a trailing period."""
+    return str(exc).strip().split("\n", 1)[0].rstrip(".")
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Hide transformers' own progress bars (loading and saving weights) inside the block."""
+    from transformers.utils import logging as transformers_logging
+
+    enabled = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            transformers_logging.enable_progress_bar()
 
 
 @dataclass(eq=False)
@@ -168,30 +324,33 @@ def _load_uncached(
     model_kwargs: dict[str, Any],
     adapter: str | Path | None = None,
 ) -> LoadedModel:
+    source = resolve_source(name, revision=revision, cache_dir=cache_dir)  # before transformers' slow imports
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-    common: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir, "trust_remote_code": False}
+    common: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir, "trust_remote_code": False, **source}
     logger.info("loading %s (%s, %s)", name, device if device_map is None else f"device_map={device_map}", dtype)
     try:
-        processor = AutoProcessor.from_pretrained(name, **common)
+        with quiet_transformers():
+            processor = AutoProcessor.from_pretrained(name, **common)
     except (OSError, ValueError) as exc:
         raise ModelLoadError(
-            f"cannot load the processor of {name!r}: {exc}. Pass a hub id (e.g. 'royokong/e5-v') or a local "
-            "directory saved with save_pretrained; offline (HF_HUB_OFFLINE=1), the files must be in the cache"
+            f"cannot load the processor of {name!r}: {_first_line(exc)}. Pass a LLaVA-NeXT checkpoint saved with "
+            f"save_pretrained, or a hub id such as {DEFAULT_MODEL!r}"
         ) from exc
     try:
-        model = LlavaNextForConditionalGeneration.from_pretrained(
-            name,
-            dtype=dtype,
-            device_map=device_map,
-            use_safetensors=None if allow_pickle else True,
-            attn_implementation=attn_implementation,
-            **common,
-            **model_kwargs,
-        )
+        with quiet_transformers():
+            model = LlavaNextForConditionalGeneration.from_pretrained(
+                name,
+                dtype=dtype,
+                device_map=device_map,
+                use_safetensors=None if allow_pickle else True,
+                attn_implementation=attn_implementation,
+                **common,
+                **model_kwargs,
+            )
     except (OSError, ValueError) as exc:
         hint = "" if allow_pickle else " (only safetensors weights are loaded unless allow_pickle=True)"
-        raise ModelLoadError(f"cannot load the model weights of {name!r}{hint}: {exc}") from exc
+        raise ModelLoadError(f"cannot load the model weights of {name!r}{hint}: {_first_line(exc)}") from exc
     if device_map is None:
         model.to(device)
     if adapter is not None:
@@ -214,13 +373,11 @@ def _adapter_key(adapter: str | Path | None) -> str | None:
 
 def merge_adapter(model: Any, adapter: str | Path) -> Any:
     """Load a peft adapter onto ``model`` and merge it into the weights (no inference overhead)."""
-    try:
-        from peft import PeftModel
-    except ImportError as exc:
-        raise ModelLoadError("loading an adapter needs peft: pip install 'e5v[train]'") from exc
+    peft = require("peft", "train")
     logger.info("merging adapter %s", adapter)
     try:
-        peft_model = PeftModel.from_pretrained(model, str(adapter))
+        with quiet_peft():
+            peft_model = peft.PeftModel.from_pretrained(model, str(adapter))
     except (OSError, ValueError, KeyError) as exc:
         raise ModelLoadError(
             f"cannot load the adapter {str(adapter)!r}: {exc}. Pass the output directory of 'e5v train' "

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from e5v.errors import ConfigurationError
+
 __all__ = [
     "CHAT_TEMPLATE_LLAMA3",
     "COMPOSED_PROMPT",
@@ -142,4 +144,4 @@ def get_prompts(prompts: str | PromptSet | None) -> PromptSet:
     try:
         return PRESETS[prompts]
     except KeyError:
-        raise ValueError(f"unknown prompt preset {prompts!r}; choose one of {sorted(PRESETS)}") from None
+        raise ConfigurationError(f"unknown prompt preset {prompts!r}; choose one of {sorted(PRESETS)}") from None

@@ -21,8 +21,18 @@ import numpy as np
 
 from e5v.embedder import DEFAULT_MODEL, E5VEmbedder
 from e5v.errors import E5VError, InvalidInputError
-from e5v.indexing import DEFAULT_MAX_CHARS, FileRecords, Record, SkippedPath, load_file, walk
+from e5v.indexing import (
+    DEFAULT_MAX_CHARS,
+    IMAGE_SUFFIXES,
+    TEXT_SUFFIXES,
+    FileRecords,
+    Record,
+    SkippedPath,
+    load_file,
+    walk,
+)
 from e5v.inputs import ImageLoader
+from e5v.optional import require
 
 if TYPE_CHECKING:
     from chromadb.api.models.Collection import Collection
@@ -33,6 +43,8 @@ logger = logging.getLogger(__name__)
 
 #: Records embedded (and written) together: this many forward batches' worth.
 BATCHES_PER_WRITE = 4
+#: Unsupported files named in the summary line (the rest are counted).
+IGNORED_NAMES_SHOWN = 5
 
 
 class StoreError(E5VError):
@@ -62,7 +74,8 @@ class Hit:
 
 @dataclass
 class IndexSummary:
-    """Counts of files: indexed (and their records), unchanged, empty, failed, pruned."""
+    """Counts of files: indexed (and their records), unchanged, empty, failed, pruned, and
+    the files of unsupported types that were left out."""
 
     indexed: int = 0
     records: int = 0
@@ -70,6 +83,7 @@ class IndexSummary:
     empty: int = 0
     pruned: int = 0
     failed: list[SkippedPath] = field(default_factory=list)
+    ignored: list[Path] = field(default_factory=list)
 
     def line(self) -> str:
         parts = [
@@ -79,17 +93,32 @@ class IndexSummary:
         ]
         if self.empty:
             parts.append(f"empty {self.empty}")
+        if self.ignored:
+            parts.append(f"ignored {len(self.ignored)} unsupported")
         parts.append(f"pruned {self.pruned}")
         return ", ".join(parts)
 
+    def lines(self) -> list[str]:
+        """:meth:`line`, then which files of unsupported types were left out, if any."""
+        if not self.ignored:
+            return [self.line()]
+        shown = ", ".join(_printable(path) for path in self.ignored[:IGNORED_NAMES_SHOWN])
+        more = len(self.ignored) - IGNORED_NAMES_SHOWN
+        supported = " ".join(sorted(IMAGE_SUFFIXES | TEXT_SUFFIXES))
+        return [
+            self.line(),
+            f"unsupported, not indexed: {shown}{f' and {more} more' if more > 0 else ''} (e5v indexes {supported})",
+        ]
+
+
+def _printable(path: Path) -> str:
+    """A path as one line of text (odd bytes escaped, line breaks shown as ``\\n``)."""
+    return repr(str(path))[1:-1] if not str(path).isprintable() else str(path)
+
 
 def _chromadb() -> Any:
-    try:
-        import chromadb
-
-        import chromadb_e5v  # noqa: F401  (registers the "e5v" embedding function)
-    except ImportError as exc:
-        raise E5VError(f"{exc.name} is not installed; `pip install chromadb-e5v` to index and search") from None
+    chromadb = require("chromadb", "chroma")
+    require("chromadb_e5v", "chroma")  # registers the "e5v" embedding function
     return chromadb
 
 
@@ -117,22 +146,29 @@ class Store:
     """An e5v collection in a Chroma database folder (``PersistentClient``), or on a
     Chroma server when ``url`` (``http://host:port``) is given (``HttpClient``).
 
-    ``create=False`` refuses a database folder or collection that does not exist.
-    The model is loaded only by :meth:`connect`.
+    ``create=False`` refuses a database folder or collection that does not exist. With
+    ``create=True`` nothing is created before :meth:`connect` has loaded the model, so a
+    run that fails to load one leaves no folder and no collection behind. A collection
+    that holds no records is bound to no model: :meth:`connect` rebinds it to the one asked.
     """
 
     def __init__(self, db: str | Path, name: str = "e5v", *, create: bool = False, url: str | None = None) -> None:
         chromadb = _chromadb()
         self.db, self.name = Path(db).expanduser(), name
+        self.collection: Collection | None = None
+        self.config: dict[str, Any] | None = None
+        self._client: Any = None
         if url is not None:
             self._client = _http_client(chromadb, url)
             db = url
-        elif not create and not self.db.is_dir():
-            raise StoreError(f"no database at {str(self.db)!r}; index files first with `e5v index PATH --db {db}`")
-        else:
+        elif self.db.is_dir():
             self._client = chromadb.PersistentClient(path=str(self.db))
-        self.collection: Collection | None = None
-        self.config: dict[str, Any] | None = None
+        elif not create:
+            raise StoreError(f"no database at {str(self.db)!r}; index files first with `e5v index PATH --db {db}`")
+        elif self.db.exists():
+            raise StoreError(f"--db {str(self.db)!r} is a file, not a database folder; pick another --db")
+        else:
+            return  # connect() creates the folder once the model has loaded
         try:
             self.collection = self._client.get_collection(name)
         except chromadb.errors.NotFoundError:
@@ -150,12 +186,23 @@ class Store:
             )
         self.config = function["config"]
 
+    def count(self) -> int:
+        """Records in the collection (0 before it exists)."""
+        return 0 if self.collection is None else self.collection.count()
+
+    def _bound(self) -> dict[str, Any] | None:
+        """The config of the model the records were embedded with; ``None`` while there are none."""
+        return self.config if self.config is not None and self.count() > 0 else None
+
     def model(self, requested: str | None = None, revision: str | None = None) -> str:
-        """The model to embed with: the collection's (``requested`` must match it), else
-        ``requested`` or the default for a new collection. Raises :class:`StoreError`."""
-        if self.config is None:
-            return model_key(requested or DEFAULT_MODEL)
-        stored, stored_revision = self.config["model_name"], self.config.get("revision")
+        """The model to embed with: the one the records were embedded with (``requested``
+        must match it), else ``requested``, the empty collection's, or the default.
+        Raises :class:`StoreError`."""
+        bound = self._bound()
+        if bound is None:
+            stored = None if self.config is None else self.config["model_name"]
+            return model_key(requested or stored or DEFAULT_MODEL)
+        stored, stored_revision = bound["model_name"], bound.get("revision")
         if (requested is not None and model_key(requested) != stored) or (
             revision is not None and revision != stored_revision
         ):
@@ -177,11 +224,15 @@ class Store:
         dtype: str | None = None,
         batch_size: int | Literal["auto"] = "auto",
     ) -> E5VEmbedder:
-        """Load the model (checked by :meth:`model`) and create the collection if needed."""
+        """Load the model (checked by :meth:`model`), then create the database and the
+        collection if needed, or rebind an empty collection to this model."""
         from chromadb_e5v import E5VEmbeddingFunction
         from e5v.prompts import PromptSet
 
         name = self.model(requested, revision)
+        bound = self._bound()
+        if bound is None and self.config is not None and requested is not None:
+            self.config = None  # an empty collection: the options asked for, not its old ones
         config = self.config or {}
         prompts = config.get("prompts")
         function = E5VEmbeddingFunction(
@@ -191,16 +242,27 @@ class Store:
             # on writes, and an equal config shares this model instead of loading another
             dtype=dtype if dtype is not None else config.get("dtype"),
             batch_size=batch_size,
-            revision=revision if self.config is None else config.get("revision"),
+            revision=revision if self.config is None else config.get("revision", revision),
             prompts=PromptSet(**prompts) if isinstance(prompts, dict) else prompts,
         )
+        embedder = function.embedder  # loads the model: a failure leaves nothing behind
+        if self._client is None:
+            self._client = _chromadb().PersistentClient(path=str(self.db))
+        if (
+            self.collection is not None
+            and bound is None
+            and self.collection.configuration_json.get("embedding_function", {}).get("config") != function.get_config()
+        ):
+            logger.info("rebinding the empty collection %r in %s to %s", self.name, self.db, name)
+            self._client.delete_collection(self.name)
+            self.collection = None
         if self.collection is None:
             self.collection = self._client.create_collection(self.name, embedding_function=function)
-            self.config = function.get_config()
             logger.info("created collection %r in %s for %s", self.name, self.db, name)
         else:
             self.collection = self._client.get_collection(self.name, embedding_function=function)
-        return function.embedder
+        self.config = function.get_config()
+        return embedder
 
     def _connected(self) -> Collection:
         if self.collection is None:
@@ -312,7 +374,7 @@ def index_files(
         summary.failed.append(skipped)
         report(skipped)
 
-    files, missing = walk(paths)
+    files, missing, summary.ignored = walk(paths)
     for skipped in missing:
         fail(skipped)
     known = store.hashes()

@@ -251,6 +251,8 @@ def build_tiny_checkpoint(path: str | Path, preset: str | CheckpointSpec = "tiny
     import torch
     from transformers import LlavaNextForConditionalGeneration
 
+    from e5v.loading import quiet_transformers
+
     spec = PRESETS[preset] if isinstance(preset, str) else preset
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
@@ -259,7 +261,8 @@ def build_tiny_checkpoint(path: str | Path, preset: str | CheckpointSpec = "tiny
 
     torch.manual_seed(seed)
     model = LlavaNextForConditionalGeneration(config).eval()
-    model.save_pretrained(path, safe_serialization=True)
+    with quiet_transformers():
+        model.save_pretrained(path, safe_serialization=True)
 
     processor = _build_processor(spec, tokenizer)
     processor.save_pretrained(path)

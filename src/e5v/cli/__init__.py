@@ -1,4 +1,10 @@
-"""The ``e5v`` command line: one subcommand per module of this package."""
+"""The ``e5v`` command line: one subcommand per module of this package.
+
+Every command reports a failure the same way: one ``e5v COMMAND: error: ...`` line on
+stderr (no traceback; ``-vv`` adds one for unexpected errors) and exit status 2 when it
+could not run as asked (options, model, missing package, collection, input), 1 when it
+ran and something failed.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,11 @@ import sys
 from collections.abc import Sequence
 
 from e5v import __version__
+from e5v.cli.common import configure_output
 
 __all__ = ["main"]
+
+logger = logging.getLogger(__name__)
 
 #: Modules of ``e5v.cli`` that each define ``register(subparsers)``.
 SUBCOMMANDS: tuple[str, ...] = ("index", "search", "embed", "train", "bench", "ray_embed")
@@ -27,17 +36,46 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in SUBCOMMANDS:
         importlib.import_module(f"e5v.cli.{name}").register(subparsers)
+    for command in subparsers.choices.values():
+        command.add_argument("-q", "--quiet", action="store_true", help="no progress or download bars")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=(logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)],
-        format="%(levelname)s %(name)s: %(message)s",
-    )
     if not getattr(args, "handler", None):
         parser.print_help(sys.stderr)
         return 2
-    return int(args.handler(args) or 0)
+    configure_output(args.verbose, args.quiet)
+    try:
+        return int(args.handler(args) or 0)
+    except Exception as exc:
+        return _failed(f"{parser.prog} {args.command}", exc, args.verbose)
+    except KeyboardInterrupt:
+        sys.stderr.write(f"{parser.prog} {args.command}: interrupted\n")
+        return 130
+
+
+def exit_status(exc: BaseException) -> int:
+    """2 when the command could not run as asked, 1 when it ran and failed."""
+    from e5v.errors import ConfigurationError, InvalidInputError, MissingDependencyError, ModelLoadError
+    from e5v.store import StoreError
+
+    usage = (ConfigurationError, InvalidInputError, MissingDependencyError, ModelLoadError, StoreError)
+    return 2 if isinstance(exc, usage) else 1
+
+
+def _failed(command: str, exc: Exception, verbose: int) -> int:
+    from e5v.errors import E5VError
+
+    if isinstance(exc, E5VError):
+        message = str(exc)
+    elif isinstance(exc, OSError):
+        message = f"{exc.strerror or exc}" + (f": {exc.filename!r}" if exc.filename else "")
+    else:
+        message = f"unexpected {type(exc).__name__}: {exc} (a bug in e5v; rerun with -vv for the traceback)"
+        if verbose >= 2:
+            logger.exception("traceback")
+    sys.stderr.write(f"{command}: error: {message}\n")
+    return exit_status(exc)

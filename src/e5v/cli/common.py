@@ -3,28 +3,128 @@
 from __future__ import annotations
 
 import argparse
-from typing import TYPE_CHECKING, Literal
+import logging
+import sys
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 from e5v.defaults import DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from e5v.embedder import E5VEmbedder
 
-__all__ = ["add_collection_options", "add_model_options", "batch_size_option", "embedder_from_args", "positive"]
+__all__ = [
+    "add_collection_options",
+    "add_model_options",
+    "batch_size_option",
+    "configure_output",
+    "device_option",
+    "dtype_option",
+    "embedder_from_args",
+    "positive",
+    "show_progress",
+]
+
+#: Loggers of libraries that install a handler of their own (each record would print twice).
+LIBRARY_LOGGERS = ("transformers", "huggingface_hub")
+_HANDLER_NAME = "e5v-cli"
+
+
+def configure_output(verbose: int, quiet: bool) -> None:
+    """One stderr handler for e5v's and the libraries' records; download bars only when
+    :func:`show_progress` says so."""
+    root = logging.getLogger()
+    if not any(handler.get_name() == _HANDLER_NAME for handler in root.handlers):
+        handler = _StderrHandler()
+        handler.set_name(_HANDLER_NAME)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        root.addHandler(handler)
+    root.setLevel((logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)])
+    for name in LIBRARY_LOGGERS:
+        library = logging.getLogger(name)
+        for handler in list(library.handlers):
+            library.removeHandler(handler)
+        library.propagate = True
+    if not show_progress(quiet):
+        from huggingface_hub.utils import disable_progress_bars
+
+        disable_progress_bars()
+
+
+class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to ``sys.stderr`` as it is at each record (tests and tqdm may replace it)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
+def show_progress(quiet: bool) -> bool:
+    """Progress bars go to a terminal only, and never with ``--quiet``."""
+    return not quiet and sys.stderr.isatty()
+
+
+def device_option(value: str) -> str:
+    """``--device``: a device this machine has (checked before anything is loaded)."""
+    return _checked(value, lambda loading: loading.resolve_device(value))
+
+
+def worker_device_option(value: str) -> str:
+    """``--device`` of workers on other machines: only its spelling can be checked here."""
+    return _checked(value, lambda loading: loading.parse_device(value))
+
+
+def dtype_option(value: str) -> str:
+    """``--dtype``: a dtype name e5v knows."""
+    return _checked(value, lambda loading: loading.resolve_dtype(value, loading.torch.device("cpu")))
+
+
+def _checked(value: str, check: Callable[[Any], object]) -> str:
+    """``value`` if ``check(e5v.loading)`` accepts it, else argparse's error with e5v's message."""
+    from e5v import loading
+    from e5v.errors import ConfigurationError
+
+    try:
+        check(loading)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return value
 
 
 def add_model_options(
-    parser: argparse.ArgumentParser, *, model_default: str | None = DEFAULT_MODEL, model_help: str | None = None
+    parser: argparse.ArgumentParser,
+    *,
+    model_default: str | None = DEFAULT_MODEL,
+    model_help: str | None = None,
+    revision: bool = True,
+    local_device: bool = True,
 ) -> argparse._ArgumentGroup:
-    """``--model``, ``--device``, ``--dtype``, ``--batch-size``, in a group returned for more."""
+    """``--model``, ``--revision``, ``--device``, ``--dtype``, ``--batch-size``, in a group
+    returned for more. ``local_device=False``: the device is on other machines (Ray workers)."""
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
         default=model_default,
-        help=model_help or f"hub id or local directory (default: {DEFAULT_MODEL})",
+        help=model_help or f"hub id or local checkpoint folder (default: {DEFAULT_MODEL})",
     )
-    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: CUDA if available)")
-    group.add_argument("--dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)")
+    if revision:
+        group.add_argument("--revision", default=None, help="hub revision of --model: a branch, tag or commit")
+    group.add_argument(
+        "--device",
+        type=device_option if local_device else worker_device_option,
+        default=None,
+        help="cpu, cuda, cuda:1 ... (default: CUDA if available)",
+    )
+    group.add_argument(
+        "--dtype",
+        type=dtype_option,
+        default=None,
+        help="float32, bfloat16, float16 (default: bf16 on GPU, fp32 on CPU)",
+    )
     group.add_argument(
         "--batch-size",
         type=batch_size_option,
@@ -39,18 +139,24 @@ def embedder_from_args(args: argparse.Namespace, **options: object) -> E5VEmbedd
     """Load the model once for this command, from the model options."""
     from e5v.embedder import E5VEmbedder
 
-    return E5VEmbedder(args.model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, **options)
+    return E5VEmbedder(
+        args.model,
+        revision=args.revision,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        **options,
+    )
 
 
 def add_collection_options(parser: argparse.ArgumentParser) -> None:
-    """``--db``, ``--collection``, ``--revision`` (of the model of a new collection)."""
+    """``--db``, ``--collection``, ``--chroma-url``."""
     group = parser.add_argument_group("collection")
     group.add_argument("--db", default="./e5v_db", help="Chroma database folder (default: ./e5v_db)")
     group.add_argument("--collection", default="e5v", help="collection name (default: e5v)")
     group.add_argument(
         "--chroma-url", default=None, help="use a Chroma server (http://host:port) instead of the --db folder"
     )
-    group.add_argument("--revision", default=None, help="hub revision (branch, tag or commit) of --model")
 
 
 def batch_size_option(value: str) -> int | Literal["auto"]:

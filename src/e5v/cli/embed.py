@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
-from e5v.cli.common import add_model_options, embedder_from_args
+from e5v.cli.common import add_model_options, embedder_from_args, show_progress
 
 __all__ = ["register"]
 
 EPILOG = """\
 With --kind auto (the default) an INPUT that names an existing file with an image
 extension (jpg, jpeg, png, webp, gif, bmp, tif, tiff) is embedded as that image;
-every other INPUT is embedded as text, itself (a .txt file's name is not read).
+every other INPUT is embedded as text, itself (a .txt file's name is not read). An
+INPUT that reads like a file name but is embedded as text gets a warning on stderr.
 --kind text or --kind image treats every INPUT as that kind.
 
 --output FILE.npy writes a float32 matrix (one unit row per INPUT, in order);
@@ -59,25 +61,50 @@ def kind_of(value: str, kind: str) -> str:
     return "image" if is_image else "text"
 
 
+def text_warning(value: str) -> str | None:
+    """Why an INPUT embedded as text may have been meant as a file, or ``None``."""
+    from e5v.indexing import IMAGE_SUFFIXES, TEXT_SUFFIXES
+
+    if "\n" in value or len(value) > 1024:
+        return None
+    path = Path(value).expanduser()
+    if path.suffix.lower() not in IMAGE_SUFFIXES | TEXT_SUFFIXES and not value.startswith(("/", "./", "../", "~")):
+        return None
+    try:
+        exists = path.exists()
+    except (OSError, ValueError):
+        return None
+    if not exists:
+        return (
+            f"looks like a file name, but there is no such file (from {os.getcwd()!r}); it is embedded as text. "
+            "Check the path, or pass --kind text to embed such strings without this warning"
+        )
+    if path.suffix.lower() in TEXT_SUFFIXES:
+        return "names a text file; its name is embedded, not its content (e5v index reads text files)"
+    return None
+
+
 def run(args: argparse.Namespace) -> int:
-    from e5v.errors import E5VError, InvalidInputError
+    from e5v.errors import InvalidInputError
 
     output = Path(args.output) if args.output else None
     if output is not None and output.suffix.lower() not in (".npy", ".jsonl"):
         sys.stderr.write(f"e5v embed: error: --output must end in .npy or .jsonl, got {str(output)!r}\n")
         return 2
     kinds = [kind_of(value, args.kind) for value in args.inputs]
+    if args.kind == "auto":
+        for number, (value, kind) in enumerate(zip(args.inputs, kinds), 1):
+            warning = text_warning(value) if kind == "text" else None
+            if warning:
+                sys.stderr.write(f"e5v embed: warning: INPUT {number} ({value!r}) {warning}\n")
     items = [Path(value) if kind == "image" else value for value, kind in zip(args.inputs, kinds)]
     try:
-        vectors = embedder_from_args(args).embed(items)
+        vectors = embedder_from_args(args, show_progress_bar=show_progress(args.quiet)).embed(items)
     except InvalidInputError as exc:
         index = exc.index if exc.index is not None else 0
         reason = str(exc).removeprefix(f"item {exc.index}: ")
         sys.stderr.write(f"e5v embed: error: INPUT {index + 1} ({args.inputs[index]!r}): {reason}\n")
         return 2
-    except E5VError as exc:
-        sys.stderr.write(f"e5v embed: error: {exc}\n")
-        return 1
     if output is not None and output.suffix.lower() == ".npy":
         import numpy as np
 

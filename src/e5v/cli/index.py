@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from e5v.cli.common import add_collection_options, add_model_options
+from e5v.cli.common import add_collection_options, add_model_options, positive, show_progress
 from e5v.defaults import DEFAULT_MODEL
 
 __all__ = ["register"]
@@ -17,13 +17,16 @@ blank lines, else sentence ends, else spaces, without overlap. Files are found
 recursively in folders (hidden ones left out). A file whose content (sha256) is
 unchanged is skipped; a changed one's records are replaced.
 
-A file that cannot be read or decoded is reported on stderr and skipped; the exit
-status is 1 if any file failed, 0 otherwise (2: the collection cannot be used).
+Files of other types are counted and named in the summary, not read. A file that
+cannot be read or decoded is reported on stderr and skipped; the exit status is 1 if
+any file failed, 0 otherwise (2: nothing was indexed: bad options, no model, or a
+collection that cannot be used). Nothing is created before the model has loaded.
 
 examples:
   e5v index examples/data
   e5v index ~/photos ~/notes --db ~/e5v_db --batch-size 32
   e5v index docs/ --model /models/e5-v --prune --quiet
+  e5v index examples/data --model tiny-e5v     # a tiny random checkpoint (see README)
 """
 
 
@@ -40,45 +43,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_options(
         parser,
         model_default=None,
-        model_help=f"hub id or local directory (default: the collection's model; {DEFAULT_MODEL} for a new one)",
+        model_help=f"hub id or local checkpoint folder (default: the collection's model; {DEFAULT_MODEL} for a "
+        "new one)",
     )
-    parser.add_argument("--max-chars", type=int, default=800, help="longest text passage, in characters (default: 800)")
+    parser.add_argument(
+        "--max-chars", type=positive, default=800, help="longest text passage, in characters (default: 800)"
+    )
     parser.add_argument("--prune", action="store_true", help="delete the records of indexed files that are gone")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from e5v.errors import E5VError
     from e5v.indexing import SkippedPath
-    from e5v.store import Store, StoreError, index_files
+    from e5v.store import Store, index_files
 
     def report(skipped: SkippedPath) -> None:
         tqdm.write(f"failed: {skipped.path}: {skipped.reason}", file=sys.stderr)  # above the progress bars
 
-    try:
-        store = Store(args.db, args.collection, create=True, url=args.chroma_url)
-        store.model(args.model, args.revision)  # refuse another model before reading any file
-    except StoreError as exc:
-        sys.stderr.write(f"e5v index: error: {exc}\n")
-        return 2
-    try:
-        summary = index_files(
-            store,
-            args.paths,
-            lambda: store.connect(
-                args.model, revision=args.revision, device=args.device, dtype=args.dtype, batch_size=args.batch_size
-            ),
-            batch_size=args.batch_size,
-            max_chars=args.max_chars,
-            prune=args.prune,
-            progress=not args.quiet,
-            report=report,
-        )
-    except E5VError as exc:
-        sys.stderr.write(f"e5v index: error: {exc}\n")
-        return 1
-    sys.stdout.write(summary.line() + "\n")
+    store = Store(args.db, args.collection, create=True, url=args.chroma_url)
+    store.model(args.model, args.revision)  # refuse another model before reading any file
+    summary = index_files(
+        store,
+        args.paths,
+        lambda: store.connect(
+            args.model, revision=args.revision, device=args.device, dtype=args.dtype, batch_size=args.batch_size
+        ),
+        batch_size=args.batch_size,
+        max_chars=args.max_chars,
+        prune=args.prune,
+        progress=show_progress(args.quiet),
+        report=report,
+    )
+    sys.stdout.write("\n".join(summary.lines()) + "\n")
     return 1 if summary.failed else 0

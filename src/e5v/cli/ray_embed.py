@@ -60,7 +60,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     columns.add_argument("--id-column", default=None, help="column that names a row in error messages")
     columns.add_argument("--on-error", choices=("fail", "skip"), default="fail", help="a bad row (default: fail)")
     columns.add_argument("--error-column", default="embedding_error", help="reasons, with --on-error skip")
-    add_model_options(parser)
+    add_model_options(parser, local_device=False)
     cluster = parser.add_argument_group("ray")
     cluster.add_argument("--address", default=None, help="join this Ray cluster (auto, ray://HOST:PORT)")
     cluster.add_argument("--num-cpus", type=int, default=None, help="CPUs of the local Ray instance (default: all)")
@@ -86,11 +86,10 @@ def run(args: argparse.Namespace) -> int:
             f"e5v embed-dataset: error: cannot tell the format of {args.input!r}; pass --format parquet, json or csv\n"
         )
         return 2
-    try:
-        import ray
-    except ImportError:
-        sys.stderr.write('e5v embed-dataset: error: Ray is not installed; pip install "e5v[ray]"\n')
-        return 2
+    from e5v.optional import require
+
+    ray = require("ray", "ray")
+    require("pyarrow", "ray")
     from e5v.ray import embed_dataset
 
     if args.address is None:
@@ -124,6 +123,7 @@ def run(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             on_error=args.on_error,
             error_column=args.error_column,
+            embedder_options={"revision": args.revision} if args.revision else None,
         )
         embedded.write_parquet(args.output)
     except Exception as exc:  # Ray wraps worker errors; show the e5v one when there is one

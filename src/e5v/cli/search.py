@@ -6,9 +6,10 @@ import argparse
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import TYPE_CHECKING
 
-from e5v.cli.common import add_collection_options, add_model_options
+from e5v.cli.common import add_collection_options, add_model_options, positive
 
 if TYPE_CHECKING:
     from e5v.store import Hit
@@ -41,25 +42,33 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("text", nargs="?", metavar="TEXT", help="query text (with --image: the change to make)")
     parser.add_argument("--image", metavar="PATH", help="query image file")
-    parser.add_argument("-k", type=int, default=10, help="number of results (default: 10)")
+    parser.add_argument("-k", type=positive, default=10, help="number of results (default: 10)")
     parser.add_argument("--kind", choices=("image", "text"), help="only results of this kind")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     add_collection_options(parser)
     add_model_options(
-        parser, model_default=None, model_help="hub id or local directory (default: the collection's model)"
+        parser, model_default=None, model_help="hub id or local checkpoint folder (default: the collection's model)"
     )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from e5v.errors import E5VError, InvalidInputError
+    from e5v.errors import InvalidInputError
+    from e5v.inputs import ImageLoader
     from e5v.store import Store, StoreError
 
     if args.text is None and args.image is None:
         sys.stderr.write("e5v search: error: give a query TEXT, an --image, or both\n")
         return 2
     try:
+        if args.image is not None:
+            ImageLoader().load(Path(args.image), 0)  # a bad --image fails before the model loads
         store = Store(args.db, args.collection, url=args.chroma_url)
+        if store.count() == 0:
+            raise StoreError(
+                f"collection {args.collection!r} in {args.chroma_url or args.db!r} holds no records yet; "
+                "index files first with `e5v index PATH`"
+            )
         embedder = store.connect(
             args.model, revision=args.revision, device=args.device, dtype=args.dtype, batch_size=args.batch_size
         )
@@ -70,12 +79,9 @@ def run(args: argparse.Namespace) -> int:
         else:
             query = embedder.embed_composed([args.image], [args.text])
         hits = store.query(query[0], k=args.k, kind=args.kind)
-    except (StoreError, InvalidInputError) as exc:
+    except InvalidInputError as exc:
         sys.stderr.write(f"e5v search: error: {str(exc).removeprefix('item 0: ')}\n")
         return 2
-    except E5VError as exc:
-        sys.stderr.write(f"e5v search: error: {exc}\n")
-        return 1
     if args.json:
         sys.stdout.write(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False, indent=2) + "\n")
     else:

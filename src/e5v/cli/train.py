@@ -6,9 +6,28 @@ import argparse
 import sys
 from typing import Any
 
+from e5v.cli.common import dtype_option, positive, show_progress
 from e5v.defaults import DEFAULT_MODEL
 
 __all__ = ["register"]
+
+EPILOG = """\
+Data: CSV, TSV, JSONL or Parquet with columns anchor, positive and optional negative
+(SimCSE's sent0, sent1, hard_neg also work; map others with --column anchor=question).
+The defaults are the paper's recipe (LoRA r 64, alpha 16, dropout 0.05; lr 4e-4;
+InfoNCE at temperature 0.05; sentences cut at 32 tokens). Needs the train extra:
+pip install "e5v[train]".
+
+examples:
+  # a CPU smoke run on a tiny random checkpoint (learns nothing useful)
+  e5v train --model tiny-e5v --data pairs.csv --output tiny-adapter --max-steps 20 \\
+      --batch-size 4 --lr 1e-2 --warmup-steps 0 --cpu
+  # the paper's run on SimCSE NLI on one GPU (768 rows a step)
+  e5v train --model royokong/e5-v --data nli_for_simcse.csv --output e5v-nli --epochs 2 \\
+      --batch-size 96 --grad-accum 8 --qlora --save-every 100
+  e5v train ... --resume e5v-nli                 # continue after an interruption
+  accelerate launch --num_processes 8 $(which e5v) train ...   # several GPUs
+"""
 
 
 def register(subparsers: Any) -> None:
@@ -21,9 +40,12 @@ def register(subparsers: Any) -> None:
             "sent1, hard_neg). Saves a peft adapter in --output; use it with E5VEmbedder(model, adapter=DIR). "
             "For several GPUs run it under 'accelerate launch $(which e5v) train ...'."
         ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--model", default=DEFAULT_MODEL, help=f"base checkpoint (default: {DEFAULT_MODEL})")
-    parser.add_argument("--revision", default=None, help="hub revision of --model")
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=DEFAULT_MODEL, help=f"base checkpoint (default: {DEFAULT_MODEL})")
+    model.add_argument("--revision", default=None, help="hub revision of --model: a branch, tag or commit")
     parser.add_argument("--data", required=True, help="training pairs (.csv, .tsv, .jsonl, .parquet)")
     parser.add_argument("--output", required=True, help="directory for the adapter and checkpoints")
     parser.add_argument("--eval-data", default=None, help="held-out pairs: rank of each positive, logged")
@@ -41,18 +63,27 @@ def register(subparsers: Any) -> None:
     steps.add_argument("--grad-accum", type=int, default=1, help="forward passes per optimizer step (default: 1)")
     steps.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (default: 4e-4)")
     steps.add_argument("--warmup-steps", type=int, default=100, help="linear warm-up steps (default: 100)")
-    steps.add_argument("--seed", type=int, default=42)
+    steps.add_argument("--seed", type=int, default=42, help="seed of the data order and LoRA init (default: 42)")
     method = parser.add_argument_group("method")
     method.add_argument("--temperature", type=float, default=0.05, help="InfoNCE temperature (default: 0.05)")
     method.add_argument(
         "--symmetric", action="store_true", help="average both directions (anchor->positive, positive->anchor)"
     )
     method.add_argument("--max-length", type=int, default=32, help="cut sentences at N tokens (default: 32)")
-    method.add_argument("--lora-r", type=int, default=64)
-    method.add_argument("--lora-alpha", type=int, default=16)
-    method.add_argument("--lora-dropout", type=float, default=0.05)
+    method.add_argument("--lora-r", type=positive, default=64, help="LoRA rank (default: 64)")
+    method.add_argument(
+        "--lora-alpha", type=positive, default=16, help="LoRA scaling: updates are scaled by alpha / r (default: 16)"
+    )
+    method.add_argument(
+        "--lora-dropout", type=float, default=0.05, help="dropout on the LoRA input, in [0, 1) (default: 0.05)"
+    )
     system = parser.add_argument_group("memory and devices")
-    system.add_argument("--dtype", default=None, help="bfloat16, float16, float32 (default: bf16 on GPU, fp32 on CPU)")
+    system.add_argument(
+        "--dtype",
+        type=dtype_option,
+        default=None,
+        help="bfloat16, float16, float32 (default: bf16 on GPU, fp32 on CPU)",
+    )
     system.add_argument("--qlora", action="store_true", help="4-bit NF4 base model (needs bitsandbytes and CUDA)")
     system.add_argument(
         "--gradient-checkpointing",
@@ -70,7 +101,6 @@ def register(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from e5v.errors import E5VError
     from e5v.training import TrainingConfig, train
 
     columns = {}
@@ -113,11 +143,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         sys.stderr.write(f"e5v train: error: {exc}\n")
         return 2
-    try:
-        result = train(config)
-    except E5VError as exc:
-        sys.stderr.write(f"e5v train: error: {exc}\n")
-        return 1
+    result = train(config, show_progress_bar=show_progress(args.quiet))
     lines = [f"trained {result.steps} steps" + (f"; last loss {result.losses[-1]:.4f}" if result.losses else "")]
     lines += [
         f"eval at step {e['step']}: mean rank {e['mean_rank']:.2f}, accuracy {e['accuracy']:.3f}"

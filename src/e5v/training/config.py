@@ -7,7 +7,10 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from e5v.embedder import DEFAULT_MODEL
+import torch
+
+from e5v.defaults import DEFAULT_MODEL
+from e5v.loading import resolve_dtype
 
 __all__ = ["TrainingConfig"]
 
@@ -68,6 +71,8 @@ class TrainingConfig:
             raise ValueError(f"lr and temperature must be positive, got lr={self.lr}, temperature={self.temperature}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.dtype is not None:
+            resolve_dtype(self.dtype, torch.device("cpu"))  # a ConfigurationError lists the valid names
         unknown = set(self.columns) - {"anchor", "positive", "negative"}
         if unknown:
             raise ValueError(f"columns maps unknown roles {sorted(unknown)}; use anchor, positive, negative")

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from e5v.optional import require
 from e5v.prompts import IMAGE_TOKEN
 from e5v.training.errors import TrainingDataError
 
@@ -89,10 +90,7 @@ def _read(path: Path, kind: str) -> tuple[list[str], Iterator[Mapping[str, Any]]
                 records.append(record)
         names = list(dict.fromkeys(key for record in records for key in record))
         return names, iter(records)
-    try:
-        import pyarrow.parquet as pq
-    except ImportError as exc:
-        raise TrainingDataError("reading Parquet needs pyarrow: pip install 'e5v[train]'") from exc
+    pq = require("pyarrow.parquet", "train")
     table = pq.read_table(path)
     return list(table.column_names), iter(table.to_pylist())
 

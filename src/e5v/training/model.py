@@ -8,7 +8,6 @@ LLaVA-NeXT model at inference and leaves the vision tower untouched.
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 from pathlib import Path
 from typing import Any
@@ -17,7 +16,8 @@ import torch
 
 from e5v import runner
 from e5v.errors import ModelLoadError
-from e5v.loading import LoadedModel, merge_adapter
+from e5v.loading import LoadedModel, merge_adapter, quiet_peft, quiet_transformers, resolve_source
+from e5v.optional import require
 from e5v.prompts import PromptSet, fill
 from e5v.training.config import TrainingConfig
 from e5v.training.errors import TrainingError
@@ -43,24 +43,27 @@ class _Dropped(torch.nn.Module):
 
 def build_model(config: TrainingConfig, device: torch.device, dtype: torch.dtype) -> tuple[Any, Any]:
     """Load the checkpoint on ``device``, drop the unused parts, add LoRA: ``(peft_model, processor)``."""
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    peft = require("peft", "train")
     from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
     name = str(config.model)
+    source = resolve_source(name, revision=config.revision)
     options: dict[str, Any] = {}
     if config.load_in_4bit:
         options["quantization_config"] = _four_bit_config(device, dtype)
     try:
-        processor = AutoProcessor.from_pretrained(name, revision=config.revision)
-        model = LlavaNextForConditionalGeneration.from_pretrained(
-            name,
-            revision=config.revision,
-            dtype=dtype,
-            device_map={"": _indexed(device)},
-            use_safetensors=True,
-            attn_implementation="sdpa",
-            **options,
-        )
+        with quiet_transformers():
+            processor = AutoProcessor.from_pretrained(name, revision=config.revision, **source)
+            model = LlavaNextForConditionalGeneration.from_pretrained(
+                name,
+                revision=config.revision,
+                dtype=dtype,
+                device_map={"": _indexed(device)},
+                use_safetensors=True,
+                attn_implementation="sdpa",
+                **source,
+                **options,
+            )
     except (OSError, ValueError) as exc:
         raise ModelLoadError(f"cannot load {name!r} for training (safetensors weights only): {exc}") from exc
     model.model.vision_tower = _Dropped("vision tower")
@@ -70,7 +73,7 @@ def build_model(config: TrainingConfig, device: torch.device, dtype: torch.dtype
         torch.cuda.empty_cache()
     non_reentrant = {"use_reentrant": False}
     if config.load_in_4bit:
-        model = prepare_model_for_kbit_training(
+        model = peft.prepare_model_for_kbit_training(
             model,
             use_gradient_checkpointing=config.gradient_checkpointing,
             gradient_checkpointing_kwargs=non_reentrant,
@@ -81,7 +84,7 @@ def build_model(config: TrainingConfig, device: torch.device, dtype: torch.dtype
             model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
         else:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
-    lora = LoraConfig(
+    lora = peft.LoraConfig(
         r=config.lora_r,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
@@ -89,7 +92,8 @@ def build_model(config: TrainingConfig, device: torch.device, dtype: torch.dtype
         bias="none",
         revision=config.revision,
     )
-    peft_model = get_peft_model(model, lora)
+    with quiet_peft():
+        peft_model = peft.get_peft_model(model, lora)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     logger.info("LoRA r=%d on the language model: %d trainable parameters", config.lora_r, trainable)
     return peft_model, processor
@@ -104,8 +108,7 @@ def _indexed(device: torch.device) -> torch.device:
 
 def _four_bit_config(device: torch.device, dtype: torch.dtype) -> Any:
     """NF4 with double quantisation (QLoRA); the unused parts stay unquantised."""
-    if importlib.util.find_spec("bitsandbytes") is None:
-        raise TrainingError("load_in_4bit (QLoRA) needs bitsandbytes: pip install bitsandbytes")
+    require("bitsandbytes", "quantization")
     if device.type != "cuda":
         raise TrainingError(f"load_in_4bit (QLoRA) needs a CUDA GPU, not {device}")
     from transformers import BitsAndBytesConfig
@@ -173,9 +176,11 @@ def save_merged(base: str | Path, adapter: str | Path, target: str | Path, *, re
 
     target = Path(target)
     logger.info("merging %s into %s, saving to %s", adapter, base, target)
-    model = LlavaNextForConditionalGeneration.from_pretrained(
-        str(base), revision=revision, dtype="auto", use_safetensors=True
-    )
-    merge_adapter(model, adapter).save_pretrained(target)
-    AutoProcessor.from_pretrained(str(base), revision=revision).save_pretrained(target)
+    source = resolve_source(base, revision=revision)
+    with quiet_transformers():
+        model = LlavaNextForConditionalGeneration.from_pretrained(
+            str(base), revision=revision, dtype="auto", use_safetensors=True, **source
+        )
+        merge_adapter(model, adapter).save_pretrained(target)
+        AutoProcessor.from_pretrained(str(base), revision=revision, **source).save_pretrained(target)
     return target

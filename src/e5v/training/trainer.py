@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from e5v.loading import resolve_dtype
+from e5v.optional import require
 from e5v.prompts import get_prompts
 from e5v.training.config import TrainingConfig
 from e5v.training.data import epoch_batches, load_pairs
@@ -48,9 +49,9 @@ class TrainResult:
     merged_dir: Path | None = None
 
 
-def train(config: TrainingConfig) -> TrainResult:
+def train(config: TrainingConfig, *, show_progress_bar: bool = True) -> TrainResult:
     """Train a LoRA adapter as :class:`TrainingConfig` says; see :class:`Trainer`."""
-    return Trainer(config).train()
+    return Trainer(config).train(show_progress_bar=show_progress_bar)
 
 
 class Trainer:
@@ -64,6 +65,7 @@ class Trainer:
         from accelerate.utils import set_seed
         from transformers import get_linear_schedule_with_warmup
 
+        require("peft", "train")
         self.config = config
         self.output_dir = Path(config.output_dir)
         self.accelerator = Accelerator(cpu=config.cpu)
@@ -100,7 +102,7 @@ class Trainer:
     def peft_model(self) -> Any:
         return self.accelerator.unwrap_model(self.model).peft_model
 
-    def train(self) -> TrainResult:
+    def train(self, *, show_progress_bar: bool = True) -> TrainResult:
         """Run to ``total_steps``, checkpointing every ``save_every``; save the adapter and config."""
         from tqdm.auto import tqdm
 
@@ -118,7 +120,8 @@ class Trainer:
         )
         if self.step == 0:
             self._evaluate()
-        progress = tqdm(total=self.total_steps, initial=self.step, desc="Training", unit="step", disable=not main)
+        shown = main and show_progress_bar
+        progress = tqdm(total=self.total_steps, initial=self.step, desc="Training", unit="step", disable=not shown)
         while self.step < self.total_steps:
             epoch, done = divmod(self.step, self.steps_per_epoch)
             batches = epoch_batches(

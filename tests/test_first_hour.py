@@ -163,7 +163,7 @@ def test_bad_device_or_dtype_fails_before_anything(option, expected, tmp_path: P
         with pytest.raises(SystemExit) as exited:
             main([*command, *option])
         assert exited.value.code == 2
-        (line,) = capsys.readouterr().err.splitlines()[-1:]
+        (line,) = capsys.readouterr().err.splitlines()
         assert line.startswith(f"e5v {command[0]}: error: argument {option[0]}: ") and expected in line
     assert not db.exists()
 

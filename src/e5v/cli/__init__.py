@@ -13,6 +13,7 @@ import importlib
 import logging
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from e5v import __version__
 from e5v.cli.common import configure_output
@@ -25,8 +26,15 @@ logger = logging.getLogger(__name__)
 SUBCOMMANDS: tuple[str, ...] = ("index", "search", "embed", "train", "bench", "ray_embed")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one line that points to ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="e5v",
         description="E5-V multimodal embeddings: index, search, embed, benchmark and train.",
         formatter_class=argparse.RawDescriptionHelpFormatter,

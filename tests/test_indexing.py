@@ -9,7 +9,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from e5v.indexing import FileRecords, SkippedPath, load_file, record_id, sha256_bytes, split_passages, walk
+from e5v.indexing import (
+    FileRecords,
+    SkippedPath,
+    Stored,
+    Unchanged,
+    load_file,
+    record_id,
+    sha256_bytes,
+    split_passages,
+    stamp,
+    walk,
+)
 
 # -- split_passages -----------------------------------------------------------------------
 
@@ -117,6 +128,7 @@ def test_load_image_and_text(tmp_path: Path, photos) -> None:
         "path": str(tmp_path / "cat.png"),
         "kind": "image",
         "sha256": sha256_bytes((tmp_path / "cat.png").read_bytes()),
+        "stamp": stamp((tmp_path / "cat.png").stat()),
     }
     assert record.document is None
 
@@ -126,6 +138,7 @@ def test_load_image_and_text(tmp_path: Path, photos) -> None:
     assert isinstance(note, FileRecords) and len(note.records) > 2
     for number, record in enumerate(note.records):
         assert record.metadata["passage"] == number
+        assert ("stamp" in record.metadata) == (number == 0)  # the marker alone carries it
         assert record.document == text[record.metadata["start"] : record.metadata["end"]]
     assert len({record.id for record in note.records}) == len(note.records)
 
@@ -133,8 +146,11 @@ def test_load_image_and_text(tmp_path: Path, photos) -> None:
 def test_unchanged_file_is_skipped(tmp_path: Path) -> None:
     path = tmp_path / "note.txt"
     path.write_text("hello", encoding="utf-8")
-    assert load_file(path, known={str(path): sha256_bytes(b"hello")}) is None
-    assert isinstance(load_file(path, known={str(path): sha256_bytes(b"older")}), FileRecords)
+    assert load_file(path, known={str(path): Stored("id", sha256_bytes(b"hello"))}) == Unchanged(
+        str(path), stamp(path.stat())
+    )
+    assert load_file(path, known={str(path): Stored("id", "older", stamp(path.stat()))}) == Unchanged(str(path))
+    assert isinstance(load_file(path, known={str(path): Stored("id", sha256_bytes(b"older"))}), FileRecords)
 
 
 def test_unreadable_files_are_reported(tmp_path: Path, photos) -> None:

@@ -18,10 +18,11 @@ import numpy as np
 import pytest
 
 from e5v import E5VEmbedder, Interleaved, InvalidInputError
-from llama_index.core import Document, StorageContext
+from llama_index.core import Document, StorageContext, VectorStoreIndex
 from llama_index.core.embeddings import MultiModalEmbedding
 from llama_index.core.indices import MultiModalVectorStoreIndex
-from llama_index.core.schema import ImageDocument, ImageNode, MetadataMode
+from llama_index.core.schema import ImageDocument, ImageNode, MetadataMode, TextNode
+from llama_index.core.storage.kvstore import SimpleKVStore
 from llama_index.embeddings.e5v import E5VEmbedding
 from llama_index.vector_stores.chroma import ChromaVectorStore
 
@@ -186,6 +187,98 @@ async def test_async_single_items_equal_sync(model: E5VEmbedding, photo_dir: Pat
     assert await model.aget_query_embedding(TEXTS[0]) == model.get_query_embedding(TEXTS[0])
     assert await model.aget_text_embedding(TEXTS[1]) == model.get_text_embedding(TEXTS[1])
     assert await model.aget_image_embedding(image) == model.get_image_embedding(image)
+
+
+# -- errors name the item's index in the caller's list, not in LlamaIndex's batch ------------------
+
+BAD_TEXT = "A cat <image> on a rug."  # e5v rejects a text holding its image placeholder
+TEXT_ERROR = r"text .* contains the reserved image placeholder"
+IMAGE_ERROR = r"image file .*missing\.png' does not exist"
+
+
+@pytest.fixture(scope="module")
+def batched(embedder: E5VEmbedder) -> E5VEmbedding:
+    """LlamaIndex cuts 21 items into batches of 16 and 5."""
+    return E5VEmbedding(embedder=embedder, embed_batch_size=16)
+
+
+def with_bad_item(kind: str, photo_dir: Path, position: int) -> list[str]:
+    """21 valid texts or image paths (repeating), with an invalid one at ``position``."""
+    items = list(TEXTS) * 6 if kind == "texts" else paths(photo_dir) * 5
+    items = items[:21]
+    items[position] = BAD_TEXT if kind == "texts" else str(photo_dir / "missing.png")
+    return items
+
+
+async def embed_batch(model: E5VEmbedding, kind: str, items: list[str], asynchronous: bool) -> list[list[float]]:
+    if kind == "texts":
+        return await model.aget_text_embedding_batch(items) if asynchronous else model.get_text_embedding_batch(items)
+    return await model.aget_image_embedding_batch(items) if asynchronous else model.get_image_embedding_batch(items)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("position", [20, 3])
+@pytest.mark.parametrize("kind", ["texts", "images"])
+async def test_batch_error_names_the_index_in_the_callers_list(
+    batched: E5VEmbedding, photo_dir: Path, kind: str, position: int, asynchronous: bool
+) -> None:
+    items = with_bad_item(kind, photo_dir, position)
+    error = TEXT_ERROR if kind == "texts" else IMAGE_ERROR
+    with pytest.raises(InvalidInputError, match=rf"^item {position}: {error}") as caught:
+        await embed_batch(batched, kind, items, asynchronous)
+    assert type(caught.value) is InvalidInputError
+    assert caught.value.index == position
+
+
+@pytest.mark.asyncio
+async def test_async_batch_error_with_concurrent_workers(embedder: E5VEmbedder) -> None:
+    workers = E5VEmbedding(embedder=embedder, embed_batch_size=4, num_workers=3)
+    texts = [*TEXTS * 4, BAD_TEXT, *TEXTS]  # batches at 0, 4, 8, 12, 16 (the bad text), 20
+    with pytest.raises(InvalidInputError, match=rf"^item 16: {TEXT_ERROR}") as caught:
+        await workers.aget_text_embedding_batch(texts)
+    assert caught.value.index == 16
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+async def test_text_error_index_with_an_embeddings_cache(embedder: E5VEmbedder, asynchronous: bool) -> None:
+    cached = E5VEmbedding(embedder=embedder, embed_batch_size=16, embeddings_cache=SimpleKVStore())
+    texts = [f"note number {i}" for i in range(20)] + [BAD_TEXT]
+    cached.get_text_embedding_batch(texts[16:18])  # the cache passes on only texts 18, 19 and 20 of the last batch
+    with pytest.raises(InvalidInputError, match=rf"^item 20: {TEXT_ERROR}") as caught:
+        await embed_batch(cached, "texts", texts, asynchronous)
+    assert caught.value.index == 20
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("asynchronous", [False, True], ids=["sync", "async"])
+@pytest.mark.parametrize("kind", ["texts", "images"])
+async def test_insert_nodes_names_the_bad_node(
+    batched: E5VEmbedding, photo_dir: Path, kind: str, asynchronous: bool
+) -> None:
+    items = with_bad_item(kind, photo_dir, 20)
+    index: VectorStoreIndex
+    if kind == "texts":
+        nodes: list[TextNode] = [TextNode(text=text) for text in items]
+        index, error = VectorStoreIndex(nodes=[], embed_model=batched), TEXT_ERROR
+    else:
+        nodes = [ImageNode(image_path=path) for path in items]
+        index = MultiModalVectorStoreIndex(nodes=[], embed_model=batched, image_embed_model=batched)
+        error = IMAGE_ERROR
+    with pytest.raises(InvalidInputError, match=rf"^item 20: {error}") as caught:
+        if asynchronous:
+            await index.ainsert_nodes(nodes)
+        else:
+            index.insert_nodes(nodes)
+    assert caught.value.index == 20
+
+
+def test_embed_image_nodes_names_the_bad_node(batched: E5VEmbedding, photo_dir: Path) -> None:
+    nodes = [ImageNode(image_path=path, text="a photo") for path in with_bad_item("images", photo_dir, 20)]
+    with pytest.raises(InvalidInputError, match=rf"^item 20: {IMAGE_ERROR}") as caught:
+        batched.embed_image_nodes(nodes)
+    assert caught.value.index == 20
 
 
 # -- interleaved image nodes ------------------------------------------------------------------

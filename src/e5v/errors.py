@@ -22,6 +22,11 @@ class InvalidInputError(E5VError, ValueError):
     def __init__(self, message: str, *, index: int | None = None) -> None:
         super().__init__(message if index is None else f"item {index}: {message}")
         self.index = index
+        self.reason = message
+
+    def shifted(self, offset: int) -> InvalidInputError:
+        """The same error for an item ``offset`` places further on in a longer list."""
+        return InvalidInputError(self.reason, index=None if self.index is None else self.index + offset)
 
 
 class ConfigurationError(E5VError, ValueError):

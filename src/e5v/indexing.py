@@ -11,11 +11,13 @@ is then found in exactly one result.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import re
-from collections.abc import Iterable, Iterator
+import stat
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -28,15 +30,19 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "TEXT_SUFFIXES",
     "FileRecords",
-    "Walked",
     "Passage",
     "Record",
     "SkippedPath",
+    "Stored",
+    "Unchanged",
     "load_file",
+    "printable_path",
     "record_id",
     "sha256_bytes",
     "split_passages",
+    "stamp",
     "walk",
+    "Walked",
 ]
 
 logger = logging.getLogger(__name__)
@@ -66,13 +72,23 @@ class Passage:
 
 @dataclass(frozen=True)
 class Record:
-    """One vector to store: an image file, or one passage of a text file."""
+    """One vector to store: an image file, or one passage of a text file.
+
+    A file's first record (its image, or passage 0) is its marker: it alone carries the
+    file's ``stamp``, and it is written after the file's other records, so a stored
+    marker with the file's sha256 means every record of that content is stored.
+    """
 
     id: str
     kind: Kind
     path: str
     sha256: str
     passage: Passage | None = None
+    stamp: str | None = None
+
+    @property
+    def is_marker(self) -> bool:
+        return self.passage is None or self.passage.number == 0
 
     @property
     def document(self) -> str | None:
@@ -83,6 +99,8 @@ class Record:
         meta: dict[str, Any] = {"path": self.path, "kind": self.kind, "sha256": self.sha256}
         if self.passage is not None:
             meta.update(passage=self.passage.number, start=self.passage.start, end=self.passage.end)
+        if self.is_marker and self.stamp is not None:
+            meta["stamp"] = self.stamp
         return meta
 
 
@@ -102,6 +120,23 @@ class SkippedPath:
 
     path: str
     reason: str
+
+
+@dataclass(frozen=True)
+class Stored:
+    """What a store holds of a file: its marker record's id, sha256 and stamp (if any)."""
+
+    id: str
+    sha256: str
+    stamp: str | None = None
+
+
+@dataclass(frozen=True)
+class Unchanged:
+    """A file whose content is the stored one; ``stamp`` is set when only its stamp changed."""
+
+    path: str
+    stamp: str | None = None
 
 
 def split_passages(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> list[Passage]:
@@ -159,48 +194,120 @@ def _fit(text: str, start: int, end: int, max_chars: int) -> Iterator[tuple[int,
 
 
 class Walked(NamedTuple):
-    """What :func:`walk` found: files to index, named paths that cannot be, and the files
-    of other types inside folders (left out, for the summary)."""
+    """What :func:`walk` found: files to index, paths that cannot be, and the files of
+    other types inside folders (left out, for the summary)."""
 
     files: list[Path]
     skipped: list[SkippedPath]
     ignored: list[Path]
 
 
-def walk(paths: Iterable[str | Path]) -> Walked:
+def walk(paths: Iterable[str | Path], *, follow_links: bool = False) -> Walked:
     """Files to index under ``paths`` (files and folders, recursively), sorted, each once.
 
-    Hidden files and folders (name starting with ``.``) inside folders are left out;
-    files of other types are listed as ignored; symlinked folders are not followed. A
-    named path that is missing, or a named file of another type, is returned as skipped.
+    Only regular files are returned, under the path they were found at (a link keeps
+    its own name; a file reached twice is listed once, by its own name if it was found
+    itself). Inside folders, hidden files and folders (name starting with ``.``) are
+    left out, files of other types are listed as ignored, links to folders are not
+    followed, and a link to a file outside the given folders is skipped unless
+    ``follow_links``. Skipped, with the reason: missing paths, link loops, broken links,
+    FIFOs, devices and sockets, names that are not valid UTF-8, unreadable folders.
+    A file named in ``paths`` is followed wherever its link points.
     """
-    found: dict[Path, None] = {}
+    paths = [Path(given).expanduser() for given in paths]
+    roots = [Path(os.path.realpath(path)) for path in paths if path.is_dir()]
+    chosen: dict[Path, Path] = {}  # the file itself -> the path it is indexed under
     skipped: list[SkippedPath] = []
     ignored: list[Path] = []
-    for given in paths:
-        path = Path(given).expanduser()
+
+    def add(found: tuple[Path, Path] | SkippedPath) -> None:
+        if isinstance(found, SkippedPath):
+            skipped.append(found)
+            return
+        path, real = found
+        if chosen.setdefault(real, path) != path and path == real:
+            chosen[real] = path  # the file itself, rather than a link to it
+
+    def unreadable(exc: OSError) -> None:
+        skipped.append(SkippedPath(str(exc.filename), f"cannot list this folder: {exc.strerror or exc}"))
+
+    for path in paths:
         if path.is_dir():
-            for root, dirs, files in os.walk(path):
+            for root, dirs, files in os.walk(path, onerror=unreadable):
                 dirs[:] = sorted(name for name in dirs if not name.startswith("."))
+                folder = Path(os.path.realpath(root))
                 for name in sorted(files):
-                    candidate = Path(root, name)
                     if name.startswith("."):
                         continue
-                    if _kind(candidate) is None:
-                        ignored.append(candidate)
+                    if _kind(Path(name)) is None:
+                        ignored.append(Path(root, name))
                     else:
-                        found.setdefault(candidate.resolve(), None)
-        elif path.is_file():
-            if _kind(path) is None:
-                supported = ", ".join(sorted(IMAGE_SUFFIXES | TEXT_SUFFIXES))
-                skipped.append(SkippedPath(str(path), f"unsupported file type; e5v indexes {supported}"))
-            else:
-                found.setdefault(path.resolve(), None)
-        elif path.exists():
-            skipped.append(SkippedPath(str(path), "not a regular file or folder"))
-        else:
+                        add(_regular_file(folder / name, None if follow_links else roots))
+        elif not os.path.lexists(path):
             skipped.append(SkippedPath(str(path), f"no such file or folder (from {os.getcwd()!r})"))
-    return Walked(sorted(found), skipped, ignored)
+        elif _kind(path) is None:
+            supported = ", ".join(sorted(IMAGE_SUFFIXES | TEXT_SUFFIXES))
+            skipped.append(SkippedPath(str(path), f"unsupported file type; e5v indexes {supported}"))
+        else:
+            add(_regular_file(Path(os.path.realpath(path.parent), path.name), None))
+    return Walked(sorted(chosen.values()), skipped, ignored)
+
+
+def _regular_file(path: Path, roots: list[Path] | None) -> tuple[Path, Path] | SkippedPath:
+    """``(path, the file it is)`` for a regular file or a link to one (inside ``roots``,
+    unless ``None``), else why not; nothing is opened."""
+    name = str(path)
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return SkippedPath(
+            name, "the file name is not valid UTF-8; rename it (e.g. `convmv -f latin1 -t utf-8 --notest FILE`)"
+        )
+    try:
+        info = path.lstat()
+        real = path
+        if stat.S_ISLNK(info.st_mode):
+            real = Path(os.path.realpath(path, strict=True))
+            if roots is not None and not any(real.is_relative_to(root) for root in roots):
+                return SkippedPath(
+                    name,
+                    f"a link to {printable_path(real)!r}, outside the folders being indexed: not followed "
+                    "(pass --follow-links to index it, or index that file by name)",
+                )
+            info = real.stat()
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return SkippedPath(name, "a symlink loop; fix or remove the link")
+        if exc.errno == errno.ENOENT:
+            return SkippedPath(name, f"a broken link (to {printable_path(os.readlink(path))!r}); fix or remove it")
+        return SkippedPath(name, f"cannot read: {exc.strerror or exc}")
+    if not stat.S_ISREG(info.st_mode):
+        return SkippedPath(name, f"{_file_type(info.st_mode)}, not a regular file; e5v reads only regular files")
+    return path, real
+
+
+def _file_type(mode: int) -> str:
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISDIR, "a folder"),
+    ):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def printable_path(path: str | Path) -> str:
+    """A path as one line of text: odd bytes and line breaks escaped as ``\\xe9``, ``\\n``."""
+    text = str(path)
+    return text if text.isprintable() else repr(text)[1:-1]
+
+
+def stamp(info: os.stat_result) -> str:
+    """Size, mtime and ctime of a file: while they are unchanged, so is its content."""
+    return f"{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
 
 
 def _kind(path: Path) -> Kind | None:
@@ -226,38 +333,50 @@ def load_file(
     path: Path,
     *,
     max_chars: int = DEFAULT_MAX_CHARS,
-    known: dict[str, str] | None = None,
+    known: Mapping[str, Stored] | None = None,
     images: ImageLoader | None = None,
-) -> FileRecords | SkippedPath | None:
+) -> FileRecords | SkippedPath | Unchanged:
     """Read, hash and check one file of :func:`walk`.
 
-    Returns ``None`` when ``known`` (path -> sha256 of what is stored) says the file is
-    unchanged, a :class:`SkippedPath` when it cannot be read or decoded, else its records.
-    Images are decoded in full to check them, then dropped: they are embedded from the path.
+    Returns :class:`Unchanged` when ``known`` (path -> what is stored) has the file's
+    stamp, or its sha256; a :class:`SkippedPath` when it is not a regular file or cannot
+    be read or decoded; else its records. Images are decoded in full to check them, then
+    dropped: they are embedded from the path.
     """
     name = str(path)
     kind = _kind(path)
     if kind is None:
         return SkippedPath(name, "unsupported file type")
+    stored = None if known is None else known.get(name)
     try:
-        data = path.read_bytes()
+        # non-blocking, so that a FIFO put in a file's place cannot hang the open
+        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
+            info = os.fstat(handle.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                return SkippedPath(
+                    name, f"{_file_type(info.st_mode)}, not a regular file; e5v reads only regular files"
+                )
+            now = stamp(info)
+            if stored is not None and stored.stamp == now:
+                return Unchanged(name)
+            data = handle.read(info.st_size)
     except OSError as exc:
         return SkippedPath(name, f"cannot read: {exc.strerror or exc}")
     digest = sha256_bytes(data)
-    if known is not None and known.get(name) == digest:
-        return None
+    if stored is not None and stored.sha256 == digest:
+        return Unchanged(name, now)
     if kind == "image":
         try:
             (images or ImageLoader()).load(path, 0)
         except InvalidInputError as exc:
-            return SkippedPath(name, str(exc).removeprefix("item 0: "))
-        return FileRecords(name, kind, digest, (Record(record_id(name), kind, name, digest),))
+            return SkippedPath(name, exc.reason)
+        return FileRecords(name, kind, digest, (Record(record_id(name), kind, name, digest, stamp=now),))
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         return SkippedPath(name, f"not UTF-8 text ({exc.reason} at byte {exc.start}); re-save it as UTF-8")
     records = tuple(
-        Record(record_id(name, passage.number), kind, name, digest, passage)
+        Record(record_id(name, passage.number), kind, name, digest, passage, stamp=now)
         for passage in split_passages(text, max_chars)
     )
     return FileRecords(name, kind, digest, records)

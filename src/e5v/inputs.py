@@ -202,9 +202,13 @@ class ImageLoader:
                 image.load()
         except InvalidInputError:
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            pillow = Image.MAX_IMAGE_PIXELS or 0
+            also = f" (and Pillow's PIL.Image.MAX_IMAGE_PIXELS, {pillow})" if self.max_image_pixels >= pillow else ""
             raise InvalidInputError(
-                f"{describe(original)} is a decompression bomb ({exc}); refused", index=index
+                f"{describe(original)} claims more pixels than the cap of {self.max_image_pixels} (a possible "
+                f"decompression bomb); downscale it, or raise max_image_pixels{also} if you trust it",
+                index=index,
             ) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
             raise InvalidInputError(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,7 +29,10 @@ from e5v.indexing import (
     FileRecords,
     Record,
     SkippedPath,
+    Stored,
+    Unchanged,
     load_file,
+    printable_path,
     walk,
 )
 from e5v.inputs import ImageLoader
@@ -45,10 +49,15 @@ logger = logging.getLogger(__name__)
 BATCHES_PER_WRITE = 4
 #: Unsupported files named in the summary line (the rest are counted).
 IGNORED_NAMES_SHOWN = 5
+#: Seconds to wait for another e5v process creating the same database or collection.
+LOCK_TIMEOUT = 120.0
+#: The lock file, inside the database folder, held while a client opens it or a collection is made.
+LOCK_NAME = ".e5v.lock"
 
 
 class StoreError(E5VError):
-    """The collection cannot be used as asked: missing, not made by e5v, or of another model."""
+    """The collection cannot be used as asked (missing, not made by e5v, of another model),
+    or the database failed."""
 
 
 @dataclass(frozen=True)
@@ -102,18 +111,13 @@ class IndexSummary:
         """:meth:`line`, then which files of unsupported types were left out, if any."""
         if not self.ignored:
             return [self.line()]
-        shown = ", ".join(_printable(path) for path in self.ignored[:IGNORED_NAMES_SHOWN])
+        shown = ", ".join(printable_path(path) for path in self.ignored[:IGNORED_NAMES_SHOWN])
         more = len(self.ignored) - IGNORED_NAMES_SHOWN
         supported = " ".join(sorted(IMAGE_SUFFIXES | TEXT_SUFFIXES))
         return [
             self.line(),
             f"unsupported, not indexed: {shown}{f' and {more} more' if more > 0 else ''} (e5v indexes {supported})",
         ]
-
-
-def _printable(path: Path) -> str:
-    """A path as one line of text (odd bytes escaped, line breaks shown as ``\\n``)."""
-    return repr(str(path))[1:-1] if not str(path).isprintable() else str(path)
 
 
 def _chromadb() -> Any:
@@ -150,45 +154,90 @@ class Store:
     ``create=True`` nothing is created before :meth:`connect` has loaded the model, so a
     run that fails to load one leaves no folder and no collection behind. A collection
     that holds no records is bound to no model: :meth:`connect` rebinds it to the one asked.
+    Processes that open or create the same database folder at once take turns (a file
+    lock); a failure of the database raises :class:`StoreError`.
     """
 
     def __init__(self, db: str | Path, name: str = "e5v", *, create: bool = False, url: str | None = None) -> None:
-        chromadb = _chromadb()
-        self.db, self.name = Path(db).expanduser(), name
+        self._chromadb = _chromadb()
+        self.db, self.name, self.url = Path(db).expanduser(), name, url
         self.collection: Collection | None = None
         self.config: dict[str, Any] | None = None
         self._client: Any = None
         if url is not None:
-            self._client = _http_client(chromadb, url)
-            db = url
-        elif self.db.is_dir():
-            self._client = chromadb.PersistentClient(path=str(self.db))
-        elif not create:
-            raise StoreError(f"no database at {str(self.db)!r}; index files first with `e5v index PATH --db {db}`")
-        elif self.db.exists():
-            raise StoreError(f"--db {str(self.db)!r} is a file, not a database folder; pick another --db")
-        else:
-            return  # connect() creates the folder once the model has loaded
-        try:
-            self.collection = self._client.get_collection(name)
-        except chromadb.errors.NotFoundError:
+            self._client = _http_client(self._chromadb, url)
+        elif not self.db.is_dir():
             if not create:
+                raise StoreError(f"no database at {str(self.db)!r}; index files first with `e5v index PATH --db {db}`")
+            if self.db.exists():
+                raise StoreError(f"--db {str(self.db)!r} is a file, not a database folder; pick another --db")
+            return  # connect() creates the folder once the model has loaded
+        with self._locked("opening the database"):
+            self._load()
+        if self.collection is None and not create:
+            raise StoreError(
+                f"no collection {name!r} in {self._where!r}; index files first with "
+                f"`e5v index PATH --db {url or db} --collection {name}`"
+            )
+
+    @property
+    def _where(self) -> str:
+        return self.url or str(self.db)
+
+    @contextmanager
+    def _failing(self, doing: str) -> Iterator[None]:
+        """Chroma's errors while ``doing`` something, as :class:`StoreError`."""
+        try:
+            yield
+        except E5VError:
+            raise
+        except Exception as exc:  # chromadb raises plain and sqlite exceptions alike
+            raise StoreError(
+                f"the Chroma database {self._where!r} failed while {doing}: {type(exc).__name__}: {exc}"
+            ) from exc
+
+    @contextmanager
+    def _locked(self, doing: str) -> Iterator[None]:
+        """Open the client and run the block under the database folder's lock (none on a server)."""
+        from filelock import FileLock, Timeout
+
+        with self._failing(doing):
+            if self.url is not None:
+                yield
+                return
+            self.db.mkdir(parents=True, exist_ok=True)
+            try:
+                with FileLock(self.db / LOCK_NAME, timeout=LOCK_TIMEOUT):
+                    if self._client is None:
+                        self._client = self._chromadb.PersistentClient(path=str(self.db))
+                    yield
+            except Timeout:
                 raise StoreError(
-                    f"no collection {name!r} in {str(self.db)!r}; index files first with "
-                    f"`e5v index PATH --db {db} --collection {name}`"
+                    f"another process has held {str(self.db / LOCK_NAME)!r} for {LOCK_TIMEOUT:.0f} s; wait for it "
+                    "to finish, or remove that file if no e5v process is running"
                 ) from None
+
+    def _load(self) -> None:
+        """Read the collection and its e5v config from the database (``None`` if missing)."""
+        try:
+            self.collection = self._client.get_collection(self.name)
+        except self._chromadb.errors.NotFoundError:
+            self.collection, self.config = None, None
             return
         function = self.collection.configuration_json.get("embedding_function") or {}
         if function.get("name") != "e5v":
             raise StoreError(
-                f"collection {name!r} in {str(self.db)!r} was not made by e5v (its embedding function is "
+                f"collection {self.name!r} in {self._where!r} was not made by e5v (its embedding function is "
                 f"{function.get('name')!r}); pick another --collection"
             )
         self.config = function["config"]
 
     def count(self) -> int:
         """Records in the collection (0 before it exists)."""
-        return 0 if self.collection is None else self.collection.count()
+        if self.collection is None:
+            return 0
+        with self._failing("counting records"):
+            return self.collection.count()
 
     def _bound(self) -> dict[str, Any] | None:
         """The config of the model the records were embedded with; ``None`` while there are none."""
@@ -209,7 +258,7 @@ class Store:
             asked = f"{requested or stored!r}" + (f" at revision {revision!r}" if revision else "")
             built = f"{stored!r}" + (f" at revision {stored_revision!r}" if stored_revision else "")
             raise StoreError(
-                f"collection {self.name!r} in {str(self.db)!r} holds vectors of {built}, not {asked}: vectors "
+                f"collection {self.name!r} in {self._where!r} holds vectors of {built}, not {asked}: vectors "
                 f"of different models do not compare. Leave out --model to use {stored!r}, or pick a new "
                 "--collection (or --db) for the other model"
             )
@@ -246,21 +295,30 @@ class Store:
             prompts=PromptSet(**prompts) if isinstance(prompts, dict) else prompts,
         )
         embedder = function.embedder  # loads the model: a failure leaves nothing behind
-        if self._client is None:
-            self._client = _chromadb().PersistentClient(path=str(self.db))
-        if (
-            self.collection is not None
-            and bound is None
-            and self.collection.configuration_json.get("embedding_function", {}).get("config") != function.get_config()
-        ):
-            logger.info("rebinding the empty collection %r in %s to %s", self.name, self.db, name)
-            self._client.delete_collection(self.name)
-            self.collection = None
-        if self.collection is None:
-            self.collection = self._client.create_collection(self.name, embedding_function=function)
-            logger.info("created collection %r in %s for %s", self.name, self.db, name)
-        else:
-            self.collection = self._client.get_collection(self.name, embedding_function=function)
+        seen = None if self.collection is None else self.collection.id
+        with self._locked(f"creating the collection {self.name!r}"):
+            self._load()  # another process may have made it meanwhile
+            if self.collection is not None and self.collection.id != seen:
+                theirs, ours = self.config or {}, function.get_config()
+                if any(theirs.get(key) != ours.get(key) for key in ("model_name", "revision", "prompts")):
+                    raise StoreError(
+                        f"another e5v run created collection {self.name!r} in {self._where!r} for "
+                        f"{theirs.get('model_name')!r} meanwhile; pick another --collection"
+                    )
+            elif (
+                self.collection is not None
+                and self._bound() is None
+                and self.collection.configuration_json.get("embedding_function", {}).get("config")
+                != function.get_config()
+            ):
+                logger.info("rebinding the empty collection %r in %s to %s", self.name, self._where, name)
+                self._client.delete_collection(self.name)
+                self.collection = None
+            if self.collection is None:
+                self.collection = self._client.create_collection(self.name, embedding_function=function)
+                logger.info("created collection %r in %s for %s", self.name, self._where, name)
+            else:
+                self.collection = self._client.get_collection(self.name, embedding_function=function)
         self.config = function.get_config()
         return embedder
 
@@ -269,61 +327,91 @@ class Store:
             raise E5VError("the store has no collection yet: call connect() first")
         return self.collection
 
-    def hashes(self) -> dict[str, str]:
-        """``path -> sha256`` of what is stored; ``""`` for a path stored with mixed hashes."""
-        found: dict[str, str] = {}
-        for metadata in self._metadatas():
-            path, digest = str(metadata.get("path")), str(metadata.get("sha256"))
-            found[path] = digest if found.get(path, digest) == digest else ""
+    def stored(self) -> dict[str, Stored]:
+        """``path -> what is stored of it``, from each file's marker record."""
+        found: dict[str, Stored] = {}
+        for id_, metadata in self._metadatas(where={"$or": [{"kind": "image"}, {"passage": 0}]}):
+            stamp = metadata.get("stamp")
+            found[str(metadata.get("path"))] = Stored(id_, str(metadata.get("sha256")), stamp and str(stamp))
         return found
 
-    def _metadatas(self, page: int = 5000) -> Iterator[dict[str, Any]]:
+    def paths(self) -> set[str]:
+        """Every path that has a record."""
+        return {str(metadata.get("path")) for _, metadata in self._metadatas()}
+
+    def _metadatas(self, where: dict[str, Any] | None = None, page: int = 5000) -> Iterator[tuple[str, dict[str, Any]]]:
         if self.collection is None:
             return
         offset = 0
         while True:
-            got = self.collection.get(include=["metadatas"], limit=page, offset=offset)
-            yield from (metadata or {} for metadata in got["metadatas"] or [])
+            with self._failing("reading what is stored"):
+                got = self.collection.get(where=where, include=["metadatas"], limit=page, offset=offset)
+            yield from zip(got["ids"], (metadata or {} for metadata in got["metadatas"] or []))
             if len(got["ids"]) < page:
                 return
             offset += page
 
     def write(self, files: Sequence[FileRecords], vectors: np.ndarray) -> None:
-        """Store the files' records (vectors in record order), then drop their older records."""
+        """Store the files' records (vectors in record order) and drop their older ones.
+
+        Markers go last: first the other records, then the older records are deleted,
+        then the markers, so that an interrupted write leaves each file's marker missing
+        or older, and the next run embeds that file again.
+        """
         collection = self._connected()
         records = [record for file in files for record in file.records]
+        order = sorted(range(len(records)), key=lambda number: records[number].is_marker)
+        tails = [number for number in order if not records[number].is_marker]
+        markers = order[len(tails) :]
+        with self._failing(f"writing {len(files)} files"):
+            self._upsert(collection, records, vectors, tails)
+            for file in files:
+                collection.delete(where={"$and": [{"path": file.path}, {"sha256": {"$ne": file.sha256}}]})
+            self._upsert(collection, records, vectors, markers)
+
+    def _upsert(self, collection: Collection, records: list[Record], vectors: np.ndarray, numbers: list[int]) -> None:
         step = self._client.get_max_batch_size()
-        for start in range(0, len(records), step):
-            part = records[start : start + step]
+        for start in range(0, len(numbers), step):
+            part = numbers[start : start + step]
             collection.upsert(
-                ids=[record.id for record in part],
-                embeddings=vectors[start : start + step],
-                metadatas=[record.metadata for record in part],
-                documents=[record.document for record in part],  # type: ignore[misc]
+                ids=[records[number].id for number in part],
+                embeddings=vectors[part],
+                metadatas=[records[number].metadata for number in part],
+                documents=[records[number].document for number in part],  # type: ignore[misc]
             )
-        for file in files:
-            collection.delete(where={"$and": [{"path": file.path}, {"sha256": {"$ne": file.sha256}}]})
+
+    def restamp(self, files: Iterable[Unchanged], known: dict[str, Stored]) -> None:
+        """Record the new stamps of files whose content is unchanged."""
+        changed = [(known[file.path].id, file.stamp) for file in files if file.stamp is not None]
+        if not changed or self.collection is None:
+            return
+        with self._failing("recording file stamps"):
+            for start in range(0, len(changed), 500):
+                part = changed[start : start + 500]
+                self.collection.update(ids=[id_ for id_, _ in part], metadatas=[{"stamp": stamp} for _, stamp in part])
 
     def remove(self, paths: Iterable[str]) -> None:
         """Delete every record of ``paths``."""
         paths = list(paths)
         if self.collection is None:
             return
-        for start in range(0, len(paths), 500):
-            self.collection.delete(where={"path": {"$in": paths[start : start + 500]}})
+        with self._failing(f"deleting the records of {len(paths)} files"):
+            for start in range(0, len(paths), 500):
+                self.collection.delete(where={"path": {"$in": paths[start : start + 500]}})
 
     def query(self, vector: np.ndarray, k: int = 10, kind: str | None = None) -> list[Hit]:
         """The ``k`` records nearest to ``vector`` (of ``kind`` if given), best first."""
         collection = self._connected()
-        count = collection.count()
-        if count == 0 or k < 1:
-            return []
-        found = collection.query(
-            query_embeddings=vector.reshape(1, -1),
-            n_results=min(k, count),
-            where={"kind": kind} if kind else None,
-            include=["metadatas", "documents", "distances"],
-        )
+        with self._failing("searching"):
+            count = collection.count()
+            if count == 0 or k < 1:
+                return []
+            found = collection.query(
+                query_embeddings=vector.reshape(1, -1),
+                n_results=min(k, count),
+                where={"kind": kind} if kind else None,
+                include=["metadatas", "documents", "distances"],
+            )
         space = (collection.configuration_json.get("hnsw") or {}).get("space", "cosine")
         hits = []
         rows = zip(found["ids"][0], found["distances"][0], found["metadatas"][0], found["documents"][0])
@@ -353,17 +441,20 @@ def index_files(
     batch_size: int | Literal["auto"] = "auto",
     max_chars: int = DEFAULT_MAX_CHARS,
     prune: bool = False,
+    follow_links: bool = False,
     progress: bool = True,
     report: Callable[[SkippedPath], None] = lambda _skipped: None,
 ) -> IndexSummary:
     """Index the images and texts under ``paths`` into ``store``, incrementally.
 
-    Unchanged files (same path and sha256) are skipped; a changed file's records are
-    replaced. ``connect`` loads the model, called only if something must be embedded.
-    A file that cannot be read, decoded or embedded is passed to ``report`` and
-    skipped, and its older records are deleted. ``prune`` deletes the records of every
-    stored file that no longer exists. ``batch_size`` is the most items a forward pass
-    (``"auto"``: the embedder's); records are embedded and written
+    Files are found by :func:`~e5v.indexing.walk` (``follow_links`` follows links to
+    files outside ``paths``). A file whose size, mtime and ctime are those stored is
+    skipped unread; else one whose sha256 is the stored one is skipped too, and a
+    changed file's records are replaced. ``connect`` loads the model, called only if
+    something must be embedded. A path that cannot be indexed is passed to ``report``
+    and skipped, and its older records are deleted. ``prune`` deletes the records of
+    every stored file that no longer exists. ``batch_size`` is the most items a forward
+    pass (``"auto"``: the embedder's); records are embedded and written
     :data:`BATCHES_PER_WRITE` batches' worth at a time.
     """
     from tqdm.auto import tqdm
@@ -374,17 +465,18 @@ def index_files(
         summary.failed.append(skipped)
         report(skipped)
 
-    files, missing, summary.ignored = walk(paths)
-    for skipped in missing:
+    files, refused, summary.ignored = walk(paths, follow_links=follow_links)
+    for skipped in refused:
         fail(skipped)
-    known = store.hashes()
+    known = store.stored()
     staged: list[FileRecords] = []
     emptied: list[str] = []
+    unchanged: list[Unchanged] = []
     images = ImageLoader()
     for path in tqdm(files, desc="Reading", unit="file", disable=not progress, leave=False):
         loaded = load_file(path, max_chars=max_chars, known=known, images=images)
-        if loaded is None:
-            summary.unchanged += 1
+        if isinstance(loaded, Unchanged):
+            unchanged.append(loaded)
         elif isinstance(loaded, SkippedPath):
             fail(loaded)
         elif not loaded.records:
@@ -392,6 +484,8 @@ def index_files(
             emptied.append(loaded.path)
         else:
             staged.append(loaded)
+    summary.unchanged = len(unchanged)
+    store.restamp(unchanged, known)
     store.remove(path for path in emptied if path in known)
 
     if staged:
@@ -411,7 +505,7 @@ def index_files(
 
     store.remove(skipped.path for skipped in summary.failed if skipped.path in known)
     if prune:
-        gone = [path for path in known if not Path(path).exists()]
+        gone = sorted(path for path in store.paths() if not Path(path).exists())
         store.remove(gone)
         summary.pruned = len(gone)
     return summary
@@ -456,7 +550,6 @@ def _embed_files(
         try:
             done.append((file, embedder.embed(_items(file.records), batch_size=batch_size)))
         except InvalidInputError as exc:
-            reason = str(exc) if exc.index is None else str(exc).removeprefix(f"item {exc.index}: ")
             where = f"passage {exc.index}: " if file.kind == "text" and exc.index is not None else ""
-            failed.append(SkippedPath(file.path, where + reason))
+            failed.append(SkippedPath(file.path, where + exc.reason))
     return done, failed

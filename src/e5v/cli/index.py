@@ -17,10 +17,16 @@ blank lines, else sentence ends, else spaces, without overlap. Files are found
 recursively in folders (hidden ones left out). A file whose content (sha256) is
 unchanged is skipped; a changed one's records are replaced.
 
-Files of other types are counted and named in the summary, not read. A file that
-cannot be read or decoded is reported on stderr and skipped; the exit status is 1 if
-any file failed, 0 otherwise (2: nothing was indexed: bad options, no model, or a
-collection that cannot be used). Nothing is created before the model has loaded.
+Only regular files are read. Links to files inside the given folders are indexed
+under the link's name; links to files outside them are skipped (--follow-links indexes
+them), links to folders are never followed. FIFOs, devices, sockets, link loops,
+broken links and names that are not UTF-8 are reported and skipped. A file whose
+size, mtime and ctime are unchanged is skipped without reading it.
+
+Files of other types are counted and named in the summary, not read. A path that
+cannot be indexed is reported on stderr and skipped; the exit status is 1 if any
+failed, 0 otherwise (2: nothing was indexed: bad options, no model, or a collection
+or database that cannot be used). Nothing is created before the model has loaded.
 
 examples:
   e5v index examples/data
@@ -50,17 +56,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--max-chars", type=positive, default=800, help="longest text passage, in characters (default: 800)"
     )
     parser.add_argument("--prune", action="store_true", help="delete the records of indexed files that are gone")
+    parser.add_argument(
+        "--follow-links",
+        action="store_true",
+        help="also index files that links inside the folders point to outside them (default: skip those links)",
+    )
     parser.set_defaults(handler=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from e5v.indexing import SkippedPath
+    from e5v.indexing import SkippedPath, printable_path
     from e5v.store import Store, index_files
 
     def report(skipped: SkippedPath) -> None:
-        tqdm.write(f"failed: {skipped.path}: {skipped.reason}", file=sys.stderr)  # above the progress bars
+        # above the progress bars
+        tqdm.write(f"failed: {printable_path(skipped.path)}: {skipped.reason}", file=sys.stderr)
 
     store = Store(args.db, args.collection, create=True, url=args.chroma_url)
     store.model(args.model, args.revision)  # refuse another model before reading any file
@@ -73,6 +85,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         max_chars=args.max_chars,
         prune=args.prune,
+        follow_links=args.follow_links,
         progress=show_progress(args.quiet),
         report=report,
     )

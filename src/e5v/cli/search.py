@@ -90,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _table(hits: Sequence[Hit]) -> str:
+    from e5v.indexing import printable_path
+
     rows = [("rank", "score", "kind", "path", "passage")]
     for hit in hits:
         preview = ""
@@ -97,7 +99,7 @@ def _table(hits: Sequence[Hit]) -> str:
             flat = " ".join(hit.text.split())
             flat = flat if len(flat) <= PREVIEW_CHARS else flat[: PREVIEW_CHARS - 3] + "..."
             preview = f"#{hit.passage} {flat}"
-        rows.append((str(hit.rank), f"{hit.score:.4f}", hit.kind, hit.path, preview))
+        rows.append((str(hit.rank), f"{hit.score:.4f}", hit.kind, printable_path(hit.path), preview))
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
     return "\n".join(
         "  ".join([*(cell.ljust(width) for cell, width in zip(row[:4], widths)), row[4]]).rstrip() for row in rows

@@ -116,7 +116,10 @@ class E5VEmbedding(MultiModalEmbedding):
         return self._get_text_embeddings([text])[0]
 
     def _get_text_embeddings(self, texts: list[str]) -> list[Embedding]:
-        return self._embedder.embed_texts(texts, batch_size=self.embed_batch_size).tolist()
+        try:
+            return self._embedder.embed_texts(texts, batch_size=self.embed_batch_size).tolist()
+        except InvalidInputError as exc:
+            raise _BatchInputError(exc, texts) from None
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
         return await asyncio.to_thread(self._get_query_embedding, query)
@@ -127,19 +130,56 @@ class E5VEmbedding(MultiModalEmbedding):
     async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
         return await asyncio.to_thread(self._get_text_embeddings, texts)
 
+    def get_text_embedding_batch(self, texts: list[str], show_progress: bool = False, **kwargs: Any) -> list[Embedding]:
+        """LlamaIndex's batching, with an invalid text named by its index in ``texts``."""
+        try:
+            return super().get_text_embedding_batch(texts, show_progress, **kwargs)
+        except _BatchInputError as exc:
+            raise exc.in_list(texts, self.embed_batch_size) from None
+
+    async def aget_text_embedding_batch(
+        self, texts: list[str], show_progress: bool = False, **kwargs: Any
+    ) -> list[Embedding]:
+        """LlamaIndex's async batching, with an invalid text named by its index in ``texts``."""
+        try:
+            return await super().aget_text_embedding_batch(texts, show_progress, **kwargs)
+        except _BatchInputError as exc:
+            raise exc.in_list(texts, self.embed_batch_size) from None
+
     # -- images ---------------------------------------------------------------------------
 
     def _get_image_embedding(self, img_file_path: ImageType) -> Embedding:
         return self._get_image_embeddings([img_file_path])[0]
 
     def _get_image_embeddings(self, img_file_paths: list[ImageType]) -> list[Embedding]:
-        return self._embedder.embed_images(img_file_paths, batch_size=self.embed_batch_size).tolist()
+        try:
+            return self._embedder.embed_images(img_file_paths, batch_size=self.embed_batch_size).tolist()
+        except InvalidInputError as exc:
+            raise _BatchInputError(exc, img_file_paths) from None
 
     async def _aget_image_embedding(self, img_file_path: ImageType) -> Embedding:
         return await asyncio.to_thread(self._get_image_embedding, img_file_path)
 
     async def _aget_image_embeddings(self, img_file_paths: list[ImageType]) -> list[Embedding]:
         return await asyncio.to_thread(self._get_image_embeddings, img_file_paths)
+
+    def get_image_embedding_batch(
+        self, img_file_paths: list[ImageType], show_progress: bool = False
+    ) -> list[Embedding]:
+        """LlamaIndex's batching, with an invalid image named by its index in ``img_file_paths``."""
+        try:
+            return super().get_image_embedding_batch(img_file_paths, show_progress)
+        except _BatchInputError as exc:
+            raise exc.in_list(img_file_paths, self.embed_batch_size) from None
+
+    async def aget_image_embedding_batch(
+        self, img_file_paths: list[ImageType], show_progress: bool = False
+    ) -> list[Embedding]:
+        """LlamaIndex's async batching, with an invalid image named by its index in ``img_file_paths``."""
+        try:
+            return await super().aget_image_embedding_batch(img_file_paths, show_progress)
+        except _BatchInputError as exc:
+            raise exc.in_list(img_file_paths, self.embed_batch_size) from None
 
     # -- interleaved ---------------------------------------------------------------------
 
@@ -168,6 +208,26 @@ class E5VEmbedding(MultiModalEmbedding):
             else:
                 items.append(image)
         return self._embedder.embed(items, batch_size=self.embed_batch_size).tolist()
+
+
+class _BatchInputError(InvalidInputError):
+    """An invalid item in one of the batches LlamaIndex cuts a list into; its index counts in that batch."""
+
+    def __init__(self, error: InvalidInputError, batch: list[Any]) -> None:
+        super().__init__(error.reason, index=error.index)
+        self.batch = batch
+
+    def in_list(self, items: list[Any], batch_size: int) -> InvalidInputError:
+        """The same error with the item's index in ``items``, the list cut into batches of ``batch_size``."""
+        if self.index is None:
+            return self.shifted(0)
+        for offset in range(0, len(items), batch_size):
+            window = items[offset : offset + batch_size]
+            if len(window) == len(self.batch) and all(a is b for a, b in zip(window, self.batch)):
+                return self.shifted(offset)
+        # an embeddings cache passes on only the texts of a batch it has no vectors for
+        bad = self.batch[self.index]
+        return self.shifted(next(i for i, item in enumerate(items) if item is bad) - self.index)
 
 
 def _node_image(node: ImageNode | ImageDocument, index: int) -> Path | BytesIO:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
+from e5v.client import Embedder, RemoteEmbedder
 from e5v.defaults import DEFAULT_MODEL
 from e5v.errors import E5VError, EmbeddingError, InvalidInputError, ModelLoadError
 from e5v.inputs import Composed, Interleaved
@@ -25,11 +26,13 @@ __all__ = [
     "ContrastiveRanking",
     "E5VEmbedder",
     "E5VError",
+    "Embedder",
     "EmbeddingError",
     "Interleaved",
     "InvalidInputError",
     "ModelLoadError",
     "PromptSet",
+    "RemoteEmbedder",
     "__version__",
     "contrastive_rank",
     "cosine_similarity",

@@ -197,6 +197,11 @@ class E5VEmbedder:
         return self._loaded.name
 
     @property
+    def max_image_pixels(self) -> int:
+        """Images with more pixels are refused (decompression bombs)."""
+        return self._images.max_image_pixels
+
+    @property
     def revision(self) -> str | None:
         return self._loaded.revision
 
@@ -259,6 +264,21 @@ class E5VEmbedder:
         requests = [to_request(item, i) for i, item in enumerate(_as_list(items, "items"))]
         prompt_set = self.prompts if prompts is None else get_prompts(prompts)
         return self._run(requests, _bodies_of(prompt_set), **options)
+
+    def embed_requests(self, requests: list[Request], bodies: dict[str, str]) -> np.ndarray:
+        """The pipeline behind every ``embed*`` method: checked requests (``e5v.inputs``,
+        ``request.index`` naming each in errors) and prompt bodies in, one vector each out.
+        The scheduler of ``e5v serve`` calls it with the items of many requests."""
+        return self._run(requests, bodies)
+
+    def prompt_bodies(self, prompts: str | PromptSet | None = None) -> dict[str, str]:
+        """The prompt bodies by input kind of a preset name or set (``None``: the embedder's)."""
+        return _bodies_of(self.prompts if prompts is None else get_prompts(prompts))
+
+    def token_counts(self, requests: Sequence[Request], bodies: dict[str, str]) -> list[int]:
+        """Each request's prompt tokens as embedded (texts cut to ``max_text_tokens``,
+        image features included; an image whose header gives no size counts as the grid's largest)."""
+        return self._token_bounds(requests, bodies, truncate=True)
 
     def similarity(self, a: Any, b: Any) -> float:
         """Cosine similarity of two inputs of any kind (as in :meth:`embed`)."""
@@ -352,16 +372,19 @@ class E5VEmbedder:
         logger.debug("embedding cache: %d of %d unique items found", len(unique) - len(missing), len(unique))
         return missing
 
-    def _token_bounds(self, requests: Sequence[Request], bodies: dict[str, str]) -> list[int]:
+    def _token_bounds(
+        self, requests: Sequence[Request], bodies: dict[str, str], *, truncate: bool = False
+    ) -> list[int]:
         """Each request's prompt tokens, known before decoding any image: exact for a
-        text within ``max_text_tokens`` and for an image whose size its header gives;
-        an upper bound otherwise (an image counted at its grid's largest feature count)."""
+        text within ``max_text_tokens`` (or cut to it, with ``truncate``) and for an image
+        whose size its header gives; an upper bound otherwise (an image counted at its
+        grid's largest feature count)."""
         tokenizer = self._loaded.processor.tokenizer
         grid = runner.image_grid(self._loaded, self.max_image_tiles)
         largest = runner.max_image_token_count(self._loaded, grid)
         bounds = []
         for chunk in chunked(requests, _TOKENIZE_CHUNK):
-            prompts = [self._prompt(request, bodies) for request in chunk]
+            prompts = [self._prompt(request, bodies, truncate=truncate, warn=False) for request in chunk]
             for request, ids in zip(chunk, tokenizer(prompts)["input_ids"]):
                 count = len(ids)
                 for image in request.images:
@@ -458,13 +481,13 @@ class E5VEmbedder:
         prompts = [self._prompt(request, bodies, truncate=True) for request in requests]
         return _Prepared([request.key() for request in requests], runner.tokenize(self._loaded, prompts, pixels))
 
-    def _prompt(self, request: Request, bodies: dict[str, str], *, truncate: bool = False) -> str:
+    def _prompt(self, request: Request, bodies: dict[str, str], *, truncate: bool = False, warn: bool = True) -> str:
         """The request's full prompt (an image's text is empty); with ``truncate`` its text
         cut to ``max_text_tokens``, as embedded (planning and cache keys use it whole)."""
-        text = self._truncate(request.text, request.index) if truncate else request.text
+        text = self._truncate(request.text, request.index, warn) if truncate else request.text
         return self.prompts.wrap(fill(bodies[request.kind], text))
 
-    def _truncate(self, text: str, index: int) -> str:
+    def _truncate(self, text: str, index: int, warn: bool = True) -> str:
         """Cut text longer than ``max_text_tokens`` tokens (image slots excepted)."""
         if len(text.encode("utf-8")) <= self.max_text_tokens:
             return text  # a byte-level token covers at least one byte
@@ -473,7 +496,10 @@ class E5VEmbedder:
         counts = [len(tokenizer(piece, add_special_tokens=False)["input_ids"]) for piece in pieces]
         if sum(counts) <= self.max_text_tokens:
             return text
-        logger.warning("item %d: text of %d tokens cut to max_text_tokens=%d", index, sum(counts), self.max_text_tokens)
+        if warn:
+            logger.warning(
+                "item %d: text of %d tokens cut to max_text_tokens=%d", index, sum(counts), self.max_text_tokens
+            )
         budget = self.max_text_tokens
         kept = []
         for piece, count in zip(pieces, counts):

@@ -153,7 +153,7 @@ class ImageLoader:
     def _from_string(self, value: str, index: int) -> Image.Image:
         lowered = value[:16].lower()
         if lowered.startswith("data:"):
-            return self._decode(io.BytesIO(_decode_data_uri(value, index)), index, value)
+            return self._decode(io.BytesIO(decode_data_uri(value, index)), index, value)
         if lowered.startswith(("http://", "https://")):
             if self.remote is None:
                 raise InvalidInputError(
@@ -302,7 +302,8 @@ def _from_array(array: np.ndarray, index: int) -> Image.Image:
     return Image.fromarray(np.ascontiguousarray(data))  # L, RGB or RGBA by shape
 
 
-def _decode_data_uri(uri: str, index: int) -> bytes:
+def decode_data_uri(uri: str, index: int) -> bytes:
+    """The bytes of a ``data:image/...;base64,`` URI, or :class:`InvalidInputError` naming ``index``."""
     header, sep, payload = uri.partition(",")
     if not sep or not header.lower().startswith("data:image/") or not header.lower().endswith(";base64"):
         raise InvalidInputError(

@@ -32,6 +32,7 @@ FEATURES: dict[str, Feature] = {
         "indexing and search (e5v index, e5v search, e5v.store)",
         "pip install ./integrations/chroma (from the root of the e5v repository; it brings chromadb)",
     ),
+    "serve": Feature("the embedding server (e5v serve, e5v.server)", 'pip install "e5v[serve]"'),
     "quantization": Feature("quantization='8bit' or '4bit' and --qlora", "pip install bitsandbytes"),
 }
 

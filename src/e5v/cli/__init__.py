@@ -23,7 +23,7 @@ __all__ = ["main"]
 logger = logging.getLogger(__name__)
 
 #: Modules of ``e5v.cli`` that each define ``register(subparsers)``.
-SUBCOMMANDS: tuple[str, ...] = ("index", "search", "embed", "train", "bench", "ray_embed")
+SUBCOMMANDS: tuple[str, ...] = ("index", "search", "embed", "serve", "train", "bench", "ray_embed")
 
 
 class Parser(argparse.ArgumentParser):
@@ -36,7 +36,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="e5v",
-        description="E5-V multimodal embeddings: index, search, embed, benchmark and train.",
+        description="E5-V multimodal embeddings: index, search, embed, serve, benchmark and train.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"e5v {__version__}")

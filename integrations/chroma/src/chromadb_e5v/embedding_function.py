@@ -5,16 +5,19 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from chromadb.api.types import Embeddable, EmbeddingFunction, Embeddings, Space, is_document, is_image
 from chromadb.utils.embedding_functions import register_embedding_function
 
-from e5v import DEFAULT_MODEL, E5VEmbedder, InvalidInputError, PromptSet
+from e5v import DEFAULT_MODEL, E5VEmbedder, Embedder, InvalidInputError, PromptSet, RemoteEmbedder
 from e5v.batching import check_batch_size
+from e5v.client import API_KEY_ENV_VAR
+from e5v.errors import ConfigurationError
 from e5v.inputs import describe
 from e5v.loading import resolve_device, resolve_dtype
 from e5v.prompts import PRESETS, get_prompts
@@ -23,8 +26,9 @@ __all__ = ["E5VEmbeddingFunction", "clear_cache"]
 
 logger = logging.getLogger(__name__)
 
-#: The keys of :meth:`E5VEmbeddingFunction.get_config`.
-CONFIG_KEYS = ("model_name", "revision", "dtype", "batch_size", "prompts")
+#: The keys of :meth:`E5VEmbeddingFunction.get_config`: the first five in-process; model_name,
+#: batch_size, prompts, base_url and api_key_env_var in remote mode.
+CONFIG_KEYS = ("model_name", "revision", "dtype", "batch_size", "prompts", "base_url", "api_key_env_var")
 
 # Embedders shared by every function of this process: Chroma rebuilds the function
 # from its config on each add and query of a collection opened without one.
@@ -38,20 +42,28 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
     """E5-V for Chroma: documents (``str``) and images (numpy arrays, as Chroma and its
     ``ImageLoader`` pass them) into one space, queried with cosine distance.
 
-    Pass a model name (a hub id or a local directory) and options, or a ready
-    :class:`e5v.E5VEmbedder` as ``embedder``. Functions of one process for the same
-    model, revision, dtype and prompts share one embedder, and so one loaded model.
-    The config persisted with a collection holds the model name, revision, dtype
-    (``None``: the device's default; with ``embedder``, its dtype), batch size
-    (``"auto"``: the embedder's, by default 16 items on CPU and 256 on GPU) and
+    Pass a model name (a hub id or a local directory; ``None``: ``e5v.DEFAULT_MODEL``)
+    and options, or a ready :class:`e5v.E5VEmbedder` as ``embedder``. Functions of one
+    process for the same model, revision, dtype and prompts share one embedder, and so
+    one loaded model. The config persisted with a collection holds the model name,
+    revision, dtype (``None``: the device's default; with ``embedder``, its dtype), batch
+    size (``"auto"``: the embedder's, by default 16 items on CPU and 256 on GPU) and
     prompts, never the device: a collection reopened without the function (after
     ``import chromadb_e5v``) reuses this process's embedder for that config, or loads
     the model on the default device of the machine that opens it.
+
+    Remote mode: with ``base_url`` an ``e5v serve`` embeds (through
+    :class:`e5v.RemoteEmbedder`) and no model is loaded here. The key is ``api_key``,
+    else the value of the variable ``api_key_env_var``; the config holds ``base_url``
+    and ``api_key_env_var``, never the key, so a reopened collection reads the key from
+    that variable. The model name is the server's (``model_name``, if given, must be
+    it: checked on first use); ``prompts`` is a preset name the server applies (``None``:
+    ``"e5v"``); ``device``, ``dtype``, ``revision`` and ``embedder`` do not apply.
     """
 
     def __init__(
         self,
-        model_name: str | Path = DEFAULT_MODEL,
+        model_name: str | Path | None = None,
         *,
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
@@ -59,33 +71,60 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
         revision: str | None = None,
         prompts: str | PromptSet | None = None,
         embedder: E5VEmbedder | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        api_key_env_var: str = API_KEY_ENV_VAR,
     ) -> None:
         check_batch_size(batch_size)
         self.batch_size = batch_size
-        self._embedder: E5VEmbedder | None = embedder
-        if embedder is not None:
+        self._embedder: Embedder | None = embedder
+        self._remote: RemoteEmbedder | None = None
+        self._api_key_env_var = api_key_env_var
+        if base_url is not None:
+            _check_remote_options(device=device, dtype=dtype, revision=revision, embedder=embedder)
+            self._prompts = get_prompts(prompts)
+            preset = _prompts_config(self._prompts)
+            if not isinstance(preset, str):
+                raise ValueError(
+                    "with base_url, prompts must be a preset name the server knows (e.g. 'e5v', 'cirr'); "
+                    "custom prompt sets embed in-process only"
+                )
+            self._remote = RemoteEmbedder(base_url, api_key, api_key_env_var=api_key_env_var, prompts=preset)
+            self._model_name: str | None = None if model_name is None else str(model_name)
+            self._revision: str | None = None
+            self._dtype: str | None = None
+            self._device: str | torch.device | None = None
+        elif api_key is not None or api_key_env_var != API_KEY_ENV_VAR:
+            raise ValueError("api_key and api_key_env_var are for an e5v server: pass base_url too")
+        elif embedder is not None:
             _check_embedder_options(embedder, model_name, device, dtype, revision, prompts)
-            self._dtype: str | None = _dtype_name(embedder.dtype)
+            self._dtype = _dtype_name(embedder.dtype)
             self._model_name = _model_name(embedder.model_name)
             self._revision = embedder.revision
             self._prompts = embedder.prompts
-            self._device: str | torch.device | None = embedder.device
+            self._device = embedder.device
             _share(embedder)
         else:
             self._dtype = None if dtype is None else _dtype_name(dtype)
-            self._model_name = _model_name(model_name)
+            self._model_name = _model_name(DEFAULT_MODEL if model_name is None else model_name)
             self._revision = revision
             self._prompts = get_prompts(prompts)
             self._device = device
 
     @property
-    def embedder(self) -> E5VEmbedder:
-        """The shared :class:`e5v.E5VEmbedder`, loaded on first use: Chroma rebuilds the
-        function on every add, also when the caller passes ``embeddings=``."""
+    def embedder(self) -> Embedder:
+        """The shared :class:`e5v.E5VEmbedder`, loaded on first use (Chroma rebuilds the
+        function on every add, also when the caller passes ``embeddings=``), or in remote
+        mode the :class:`e5v.RemoteEmbedder`, once the server's model is checked."""
         if self._embedder is None:
-            self._embedder = _shared_embedder(
-                self._model_name, self._revision, self._dtype, self._prompts, self._device
-            )
+            if self._remote is not None:
+                self._embedder = _checked(self._remote, self._model_name)
+                self._model_name = self._remote.model_name
+            else:
+                assert self._model_name is not None  # in-process, it is always set
+                self._embedder = _shared_embedder(
+                    self._model_name, self._revision, self._dtype, self._prompts, self._device
+                )
         return self._embedder
 
     # -- embedding --------------------------------------------------------------------
@@ -103,22 +142,29 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
                     f"got {describe(item)}; check the documents, images or uris you passed",
                     index=index,
                 )
-        return list(self.embedder.embed(items, batch_size=self._call_batch_size))
+        return self._run(self.embedder.embed, items)
 
     def embed_composed(self, images: Sequence[Any], texts: Sequence[str]) -> Embeddings:
         """Composed queries (``images[i]`` changed as ``texts[i]`` says), to pass as
         ``collection.query(query_embeddings=...)``."""
-        return list(self.embedder.embed_composed(images, texts, batch_size=self._call_batch_size))
+        return self._run(self.embedder.embed_composed, images, texts)
 
     def embed_interleaved(self, items: Sequence[Any]) -> Embeddings:
         """Interleaved items (``e5v.Interleaved`` or sequences of texts and images), one
         vector each, to pass as ``collection.query(query_embeddings=...)``."""
-        return list(self.embedder.embed_interleaved(items, batch_size=self._call_batch_size))
+        return self._run(self.embedder.embed_interleaved, items)
 
-    @property
-    def _call_batch_size(self) -> int | None:
-        """The batch size of a call: ``None`` (the embedder's) for ``"auto"``."""
-        return None if self.batch_size == "auto" else self.batch_size
+    def _run(self, embed: Callable[..., np.ndarray], *args: Any) -> Embeddings:
+        """``embed(*args)`` at this function's batch size (``"auto"``: the embedder's); a
+        key the server refuses names the variable the key is read from."""
+        try:
+            return list(embed(*args, batch_size=None if self.batch_size == "auto" else self.batch_size))
+        except ConfigurationError as exc:
+            if self._remote is None:
+                raise
+            raise ConfigurationError(
+                f"{exc}; set {self._api_key_env_var} to the server's key (or pass api_key=)"
+            ) from None
 
     # -- Chroma's config protocol -----------------------------------------------------
 
@@ -134,6 +180,15 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
         return ["cosine", "ip", "l2"]
 
     def get_config(self) -> dict[str, Any]:
+        """The persisted config; in remote mode without ``model_name``, asks the server for its model."""
+        if self._remote is not None:
+            return {
+                "model_name": self._model_name if self._model_name is not None else self.embedder.model_name,
+                "batch_size": self.batch_size,
+                "prompts": _prompts_config(self._prompts),
+                "base_url": self._remote.base_url,
+                "api_key_env_var": self._api_key_env_var,
+            }
         return {
             "model_name": self._model_name,
             "revision": self._revision,
@@ -144,8 +199,9 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
 
     @staticmethod
     def build_from_config(config: dict[str, Any]) -> E5VEmbeddingFunction:
-        """The function a config describes, on this machine's default device; the
-        embedder is shared, so rebuilding never loads the model again."""
+        """The function a config describes, on this machine's default device (the
+        embedder is shared, so rebuilding never loads the model again), or through the
+        config's server, with the key read from its ``api_key_env_var``."""
         E5VEmbeddingFunction.validate_config(config)
         prompts = config.get("prompts")
         return E5VEmbeddingFunction(
@@ -154,6 +210,8 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
             dtype=config.get("dtype"),
             batch_size=config.get("batch_size", "auto"),
             prompts=PromptSet(**prompts) if isinstance(prompts, dict) else prompts,
+            base_url=config.get("base_url"),
+            api_key_env_var=config.get("api_key_env_var", API_KEY_ENV_VAR),
         )
 
     @staticmethod
@@ -163,9 +221,20 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
             raise ValueError(f"unknown e5v config keys {unknown}; expected some of {list(CONFIG_KEYS)}")
         if not isinstance(config.get("model_name"), str) or not config["model_name"]:
             raise ValueError(f"e5v config needs model_name, a hub id or a local directory; got {config!r}")
-        for key in ("revision", "dtype"):
+        for key in ("revision", "dtype", "base_url", "api_key_env_var"):
             if config.get(key) is not None and not isinstance(config[key], str):
                 raise ValueError(f"e5v config {key} must be a string or null, got {config[key]!r}")
+        if config.get("base_url") is not None:
+            given = [key for key in ("revision", "dtype") if config.get(key) is not None]
+            if isinstance(config.get("prompts"), dict):
+                given.append("custom prompts (the server takes a preset name)")
+            if given:
+                raise ValueError(
+                    f"e5v config with base_url (an e5v server) cannot hold {', '.join(given)}: "
+                    "the server's model embeds; drop them"
+                )
+        elif config.get("api_key_env_var") is not None:
+            raise ValueError("e5v config api_key_env_var names the key of an e5v server: it needs base_url")
         try:
             check_batch_size(config.get("batch_size", "auto"))
         except ValueError as exc:
@@ -183,15 +252,18 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
 
     def validate_config_update(self, old_config: dict[str, Any], new_config: dict[str, Any]) -> None:
         """Refuse a change of model, revision or prompts: the stored vectors would no
-        longer match new ones. dtype and batch size may change."""
+        longer match new ones. dtype, batch size, base_url (another server of the same
+        model, or in-process) and api_key_env_var may change."""
         for key in ("model_name", "revision", "prompts"):
-            if key in new_config and new_config[key] != old_config.get(key):
+            if new_config.get(key) != old_config.get(key):
                 raise ValueError(
                     f"cannot change the e5v {key} of a collection from {old_config.get(key)!r} to "
-                    f"{new_config[key]!r}: its stored vectors come from the old one; create a new collection"
+                    f"{new_config.get(key)!r}: its stored vectors come from the old one; create a new collection"
                 )
 
     def __repr__(self) -> str:
+        if self._remote is not None:
+            return f"E5VEmbeddingFunction(base_url={self._remote.base_url!r}, batch_size={self.batch_size!r})"
         return f"E5VEmbeddingFunction({self._model_name!r}, dtype={self._dtype!r}, batch_size={self.batch_size!r})"
 
 
@@ -251,9 +323,28 @@ def _shared_embedder(
         return embedder
 
 
+def _checked(remote: RemoteEmbedder, expected: str | None) -> RemoteEmbedder:
+    """``remote``, once its server is known to serve ``expected`` (``None``: any model)."""
+    if expected is not None and remote.model_name != expected:
+        raise ConfigurationError(
+            f"the e5v server at {remote.base_url} serves {remote.model_name!r}, not {expected!r}: their vectors do "
+            f"not compare. Point base_url at a server of {expected!r}, or create a new collection for the other model"
+        )
+    return remote
+
+
+def _check_remote_options(**options: object) -> None:
+    given = [name for name, value in options.items() if value is not None]
+    if given:
+        raise ValueError(
+            f"with base_url the e5v server embeds with its own model, so {', '.join(given)} would be ignored; "
+            "drop them, or drop base_url to load the model here"
+        )
+
+
 def _check_embedder_options(
     embedder: E5VEmbedder,
-    model_name: str | Path,
+    model_name: str | Path | None,
     device: object,
     dtype: object,
     revision: str | None,
@@ -261,7 +352,7 @@ def _check_embedder_options(
 ) -> None:
     given = {"device": device, "dtype": dtype, "revision": revision, "prompts": prompts}
     clashing = [name for name, value in given.items() if value is not None]
-    if str(model_name) not in (DEFAULT_MODEL, embedder.model_name):
+    if model_name is not None and _model_name(model_name) != _model_name(embedder.model_name):
         clashing.insert(0, "model_name")
     if clashing:
         raise ValueError(

@@ -1,4 +1,4 @@
-"""``E5VEmbeddings``: LangChain ``Embeddings`` backed by :class:`e5v.E5VEmbedder`."""
+"""``E5VEmbeddings``: LangChain ``Embeddings`` backed by :class:`e5v.E5VEmbedder` or an ``e5v serve``."""
 
 from __future__ import annotations
 
@@ -8,9 +8,10 @@ from typing import Any
 import numpy as np
 from langchain_core.embeddings import Embeddings
 from langchain_core.runnables.config import run_in_executor
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
-from e5v import DEFAULT_MODEL, E5VEmbedder, Interleaved
+from e5v import DEFAULT_MODEL, Embedder, Interleaved, RemoteEmbedder
+from e5v.client import API_KEY_ENV_VAR
 from e5v.inputs import ImageLike
 
 __all__ = ["E5VEmbeddings"]
@@ -19,6 +20,10 @@ __all__ = ["E5VEmbeddings"]
 _LOADING_FIELDS = frozenset(
     {"model", "model_name", "device", "dtype", "revision", "cache_dir", "model_kwargs", "embedder_kwargs"}
 )
+#: Fields that say which server to call; they need ``base_url`` and cannot be combined with ``embedder=``.
+_REMOTE_FIELDS = frozenset({"base_url", "api_key", "api_key_env_var"})
+#: ``RemoteEmbedder`` options ``embedder_kwargs`` may hold with ``base_url``.
+_REMOTE_OPTIONS = frozenset({"prompts", "timeout", "retries"})
 #: ``E5VEmbedder`` options set from fields, so not allowed in ``embedder_kwargs``.
 _FIELD_OPTIONS = frozenset(
     {
@@ -38,24 +43,27 @@ class E5VEmbeddings(BaseModel, Embeddings):
     """E5-V embeddings for LangChain: texts, images, interleaved and composed inputs in one space.
 
     Build it by name (``model_name``, a hub id or a local directory) with the loading
-    options below, or wrap an existing :class:`e5v.E5VEmbedder` with ``embedder=``.
-    Adapters built by name for the same model, device and dtype share one loaded model.
+    options below, wrap an existing :class:`e5v.E5VEmbedder` or :class:`e5v.RemoteEmbedder`
+    with ``embedder=``, or give ``base_url`` to embed through an ``e5v serve`` instead of
+    loading a model (``model_name`` is then the server's). Adapters built by name for the
+    same model, device and dtype share one loaded model.
 
     ``embed_image`` is the method ``langchain_chroma.Chroma.add_images`` and
     ``similarity_search_by_image`` call. Every method returns lists of Python floats;
-    the ``aembed_*`` methods run the model on an executor thread, off the event loop.
+    the ``aembed_*`` methods run the model (or the request) on an executor thread, off the event loop.
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
 
     model_name: str = Field(default=DEFAULT_MODEL, alias="model")
-    """Hub id or local directory of the checkpoint."""
+    """Hub id or local directory of the checkpoint; with ``base_url``, the server's model."""
     device: str | None = None
     """``"cuda"``, ``"cuda:1"``, ``"cpu"``...; ``None``: CUDA when available, else CPU."""
     dtype: str | None = None
     """``"bfloat16"``, ``"float16"`` or ``"float32"``; ``None``: bfloat16 on GPU, float32 on CPU."""
     batch_size: int | None = Field(default=None, ge=1)
-    """Most items per forward pass; ``None``: the embedder's (built by name: 16 on CPU, 256 on GPU)."""
+    """Most items per forward pass (with ``base_url``: per request); ``None``: the embedder's
+    (built by name: 16 on CPU, 256 on GPU; remote: the server's ``max_client_batch_size``)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit) of the checkpoint."""
     cache_dir: str | None = None
@@ -64,15 +72,31 @@ class E5VEmbeddings(BaseModel, Embeddings):
     """Keyword arguments for transformers' ``from_pretrained`` (``E5VEmbedder(model_kwargs=...)``)."""
     embedder_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Other :class:`e5v.E5VEmbedder` options: ``prompts``, ``adapter``, ``device_map``, ``max_batch_tokens``,
-    ``allow_remote``, ``max_image_pixels``, ``max_text_tokens``, ``allow_pickle``."""
+    ``allow_remote``, ``max_image_pixels``, ``max_text_tokens``, ``allow_pickle``; with ``base_url``, the
+    :class:`e5v.RemoteEmbedder` options ``prompts`` (a preset name the server knows), ``timeout``, ``retries``."""
     show_progress: bool | None = None
     """Show a progress bar while embedding; ``None``: the embedder's setting."""
+    base_url: str | None = None
+    """URL of an ``e5v serve`` (``http://host:port``) to embed through instead of loading a model."""
+    api_key: SecretStr | None = None
+    """API key for ``base_url``; ``None``: the value of the variable ``api_key_env_var``, if set."""
+    api_key_env_var: str = API_KEY_ENV_VAR
+    """Environment variable holding the API key when ``api_key`` is ``None``."""
 
-    _embedder: E5VEmbedder = PrivateAttr()
+    _embedder: Embedder = PrivateAttr()
 
-    def __init__(self, *, embedder: E5VEmbedder | None = None, **data: Any) -> None:
-        if embedder is None:
+    def __init__(self, *, embedder: Embedder | None = None, **data: Any) -> None:
+        if embedder is not None:
+            self._wrap(embedder, data)
+        elif data.get("base_url") is not None:
+            self._connect(data)
+        else:
+            stray = sorted((_REMOTE_FIELDS - {"base_url"}) & data.keys())
+            if stray:
+                raise ValueError(f"E5VEmbeddings got {stray} without base_url; they say how to reach an e5v server")
             super().__init__(**data)
+            from e5v import E5VEmbedder
+
             self._embedder = E5VEmbedder(
                 self.model_name,
                 device=self.device,
@@ -83,21 +107,53 @@ class E5VEmbeddings(BaseModel, Embeddings):
                 **({} if self.batch_size is None else {"batch_size": self.batch_size}),
                 **self.embedder_kwargs,
             )
-            return
-        conflicts = sorted(_LOADING_FIELDS & data.keys())
+
+    def _wrap(self, embedder: Embedder, data: dict[str, Any]) -> None:
+        """Adopt a built embedder; its settings fill the fields that describe it."""
+        conflicts = sorted((_LOADING_FIELDS | _REMOTE_FIELDS) & data.keys())
         if conflicts:
             raise ValueError(
-                f"E5VEmbeddings got embedder= and loading options {conflicts}; the embedder is already loaded, "
+                f"E5VEmbeddings got embedder= and loading options {conflicts}; the embedder is already built, "
                 "so pass either embedder= or the loading options, not both"
             )
-        super().__init__(
-            model_name=embedder.model_name,
-            device=str(embedder.device),
-            dtype=str(embedder.dtype).removeprefix("torch."),
-            revision=embedder.revision,
-            **data,
-        )
+        described: dict[str, Any] = {}
+        if isinstance(embedder, RemoteEmbedder):
+            described = {"base_url": embedder.base_url}
+        else:
+            from e5v import E5VEmbedder
+
+            if isinstance(embedder, E5VEmbedder):
+                described = {
+                    "device": str(embedder.device),
+                    "dtype": str(embedder.dtype).removeprefix("torch."),
+                    "revision": embedder.revision,
+                }
+        super().__init__(model_name=embedder.model_name, **described, **data)
         self._embedder = embedder
+
+    def _connect(self, data: dict[str, Any]) -> None:
+        """Embed through the ``e5v serve`` at ``base_url``; ``model_name`` becomes the server's."""
+        conflicts = sorted((_LOADING_FIELDS - {"embedder_kwargs"}) & data.keys())
+        if conflicts:
+            raise ValueError(
+                f"E5VEmbeddings got base_url= and loading options {conflicts}; the server at base_url has loaded "
+                "its model, so pass either base_url= or the loading options, not both"
+            )
+        super().__init__(**data)
+        unknown = sorted(self.embedder_kwargs.keys() - _REMOTE_OPTIONS)
+        if unknown:
+            raise ValueError(
+                f"embedder_kwargs {unknown} do not apply with base_url; it takes only {sorted(_REMOTE_OPTIONS)} "
+                "(set the model's options on the server, `e5v serve`)"
+            )
+        remote = RemoteEmbedder(
+            self.base_url,
+            api_key=None if self.api_key is None else self.api_key.get_secret_value(),
+            api_key_env_var=self.api_key_env_var,
+            **self.embedder_kwargs,
+        )
+        self.model_name = remote.model_name
+        self._embedder = remote
 
     @field_validator("embedder_kwargs")
     @classmethod
@@ -108,8 +164,8 @@ class E5VEmbeddings(BaseModel, Embeddings):
         return value
 
     @property
-    def embedder(self) -> E5VEmbedder:
-        """The :class:`e5v.E5VEmbedder` doing the work."""
+    def embedder(self) -> Embedder:
+        """The :class:`e5v.E5VEmbedder` or :class:`e5v.RemoteEmbedder` doing the work."""
         return self._embedder
 
     @property
@@ -133,7 +189,8 @@ class E5VEmbeddings(BaseModel, Embeddings):
     # -- images, interleaved and composed inputs ------------------------------------
 
     def embed_image(self, uris: Sequence[ImageLike]) -> list[list[float]]:
-        """Embed images: file paths (``str``), or any image-like :class:`e5v.E5VEmbedder` takes.
+        """Embed images: file paths (``str``), or any image-like :class:`e5v.E5VEmbedder` takes
+        (a remote embedder reads files here and sends their bytes).
 
         All of them in one call; the embedder batches them by ``batch_size``.
         """

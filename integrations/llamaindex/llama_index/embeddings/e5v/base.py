@@ -11,7 +11,8 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from e5v import DEFAULT_MODEL, E5VEmbedder, Interleaved, InvalidInputError
+from e5v import DEFAULT_MODEL, E5VEmbedder, Embedder, Interleaved, InvalidInputError, RemoteEmbedder
+from e5v.client import API_KEY_ENV_VAR
 from llama_index.core.base.embeddings.base import Embedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.embeddings import MultiModalEmbedding
@@ -27,10 +28,14 @@ class E5VEmbedding(MultiModalEmbedding):
 
     One instance serves as both ``embed_model`` and ``image_embed_model`` of a
     ``MultiModalVectorStoreIndex``. Build it from a model name or local path (adapters
-    with the same model, device and dtype share one loaded model), or wrap an existing
-    :class:`e5v.E5VEmbedder` with ``embedder=``. Each call hands at most
-    ``embed_batch_size`` items to the model at a time, for texts and images alike
-    (by default the embedder's batch size: 16 on CPU, 256 on GPU).
+    with the same model, device and dtype share one loaded model), wrap an existing
+    :class:`e5v.E5VEmbedder` with ``embedder=``, or give ``base_url=`` to embed through an
+    ``e5v serve`` instead of loading a model (remote mode: the model name is the server's,
+    and the key is ``api_key``, else the value of the variable ``api_key_env_var``; the
+    key is never serialised, the URL and the variable's name are). Each call hands at most
+    ``embed_batch_size`` items to the model (or the server) at a time, for texts and images
+    alike (by default the embedder's batch size: 16 on CPU, 256 on GPU; remote, the
+    server's ``max_client_batch_size``).
 
     Images are ``str`` paths (or ``data:image/...;base64`` URIs) or binary streams such
     as ``BytesIO``. An :class:`~llama_index.core.schema.ImageNode` that carries text can
@@ -52,8 +57,14 @@ class E5VEmbedding(MultiModalEmbedding):
         default_factory=dict,
         description="Other E5VEmbedder options (prompts, max_batch_tokens, device_map, allow_remote, ...).",
     )
+    base_url: str | None = Field(
+        default=None, description="URL of an `e5v serve` to embed through instead of loading a model."
+    )
+    api_key_env_var: str = Field(
+        default=API_KEY_ENV_VAR, description="Environment variable read for the server's API key when none is given."
+    )
 
-    _embedder: E5VEmbedder = PrivateAttr()
+    _embedder: Embedder = PrivateAttr()
 
     def __init__(
         self,
@@ -66,14 +77,37 @@ class E5VEmbedding(MultiModalEmbedding):
         revision: str | None = None,
         cache_dir: str | Path | None = None,
         embedder_kwargs: dict[str, Any] | None = None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        api_key_env_var: str = API_KEY_ENV_VAR,
         **kwargs: Any,
     ) -> None:
-        if embedder is not None:
+        wrapped: Embedder
+        if base_url is not None:
+            _check_no_remote_load_options(embedder, device, dtype, revision, cache_dir, embedder_kwargs)
+            remote = RemoteEmbedder(base_url, api_key, api_key_env_var=api_key_env_var)
+            if model_name is not None and str(model_name) != remote.model_name:
+                raise ValueError(
+                    f"model_name {str(model_name)!r} differs from the model of the server at {remote.base_url} "
+                    f"({remote.model_name!r}); drop model_name, the server decides the model"
+                )
+            model_name, base_url = remote.model_name, remote.base_url
+            default_batch_size = min(int(remote.info.get("max_client_batch_size") or 256), 2048)
+            wrapped = remote
+        elif api_key is not None or api_key_env_var != API_KEY_ENV_VAR:
+            raise ValueError("api_key and api_key_env_var are for a server; pass its base_url= too")
+        elif embedder is not None:
+            if not isinstance(embedder, E5VEmbedder):
+                raise TypeError(
+                    f"embedder= takes an e5v.E5VEmbedder, got {type(embedder).__name__}; "
+                    "for an e5v server pass base_url= (and api_key=) instead"
+                )
             _check_no_load_options(embedder, model_name, device, dtype, revision, cache_dir, embedder_kwargs)
             model_name = embedder.model_name
             device = str(embedder.device)
             dtype = str(embedder.dtype).removeprefix("torch.")
             revision = embedder.revision
+            default_batch_size, wrapped = embedder.batch_size, embedder
         else:
             model_name = DEFAULT_MODEL if model_name is None else model_name
             embedder = E5VEmbedder(
@@ -85,26 +119,28 @@ class E5VEmbedding(MultiModalEmbedding):
                 batch_size="auto" if embed_batch_size is None else embed_batch_size,
                 **(embedder_kwargs or {}),
             )
-        batch_size = embedder.batch_size if embed_batch_size is None else embed_batch_size
+            default_batch_size, wrapped = embedder.batch_size, embedder
         super().__init__(
             model_name=str(model_name),
-            embed_batch_size=batch_size,
+            embed_batch_size=default_batch_size if embed_batch_size is None else embed_batch_size,
             device=device,
             dtype=dtype,
             revision=revision,
             cache_dir=None if cache_dir is None else str(cache_dir),
             embedder_kwargs=embedder_kwargs or {},
+            base_url=base_url,
+            api_key_env_var=api_key_env_var,
             **kwargs,
         )
-        self._embedder = embedder
+        self._embedder = wrapped
 
     @classmethod
     def class_name(cls) -> str:
         return "E5VEmbedding"
 
     @property
-    def embedder(self) -> E5VEmbedder:
-        """The wrapped :class:`e5v.E5VEmbedder`."""
+    def embedder(self) -> Embedder:
+        """The wrapped :class:`e5v.E5VEmbedder`, or in remote mode the :class:`e5v.RemoteEmbedder`."""
         return self._embedder
 
     # -- texts and queries (E5-V embeds both with the same prompt) ----------------------
@@ -262,4 +298,14 @@ def _check_no_load_options(embedder: E5VEmbedder, model_name: str | Path | None,
         raise ValueError(
             "device, dtype, revision, cache_dir and embedder_kwargs configure loading a model; they cannot be "
             "combined with embedder= (configure the E5VEmbedder instead)"
+        )
+
+
+def _check_no_remote_load_options(embedder: E5VEmbedder | None, *options: Any) -> None:
+    if embedder is not None:
+        raise ValueError("pass either base_url= (a server) or embedder= (an in-process model), not both")
+    if any(option is not None and option != {} for option in options):
+        raise ValueError(
+            "device, dtype, revision, cache_dir and embedder_kwargs configure loading a model; they cannot be "
+            "combined with base_url= (the server loads the model: set them on `e5v serve`)"
         )

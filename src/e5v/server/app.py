@@ -1,0 +1,364 @@
+"""The ASGI app of ``e5v serve``: HTTP in front of one :class:`~e5v.scheduler.Scheduler`.
+
+Routes: ``POST /v1/embeddings`` (OpenAI's shape, multimodal items), ``GET /v1/models``,
+``GET /health`` (alive), ``GET /ready`` (503 while the model loads), ``GET /info``,
+``GET /metrics`` (Prometheus). ``/v1/*`` needs ``Authorization: Bearer KEY`` when keys
+are set. The model loads on a thread once the server listens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hmac
+import json
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from e5v.embedder import E5VEmbedder
+from e5v.errors import E5VError, InvalidInputError
+from e5v.inputs import ImageLoader
+from e5v.prompts import PRESETS
+from e5v.scheduler import Embedded, QueueFullError, RoundStats, Scheduler
+from e5v.server.metrics import Metrics
+from e5v.server.schemas import EmbeddingRequest, RequestError, parse_items
+
+__all__ = ["ServerConfig", "create_app"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between checks that a waiting client is still connected.
+DISCONNECT_POLL_SECONDS = 0.05
+
+
+@dataclass
+class ServerConfig:
+    """What ``e5v serve`` serves, and its limits."""
+
+    model_name: str
+    load: Callable[[], E5VEmbedder]
+    api_keys: list[str] = field(default_factory=list)
+    max_concurrent_requests: int = 512
+    max_client_batch_size: int = 256
+    payload_limit: int = 16 * 1024 * 1024
+    max_queued_items: int = 4096
+    allow_remote_images: bool = False
+    batching: bool = True
+
+
+class _State:
+    """The loaded embedder and its scheduler (``None`` while loading), and a load failure."""
+
+    def __init__(self) -> None:
+        self.embedder: E5VEmbedder | None = None
+        self.scheduler: Scheduler | None = None
+        self.failure: str | None = None
+        self.in_flight = 0
+        self.started = int(time.time())
+
+
+def create_app(config: ServerConfig) -> FastAPI:
+    state = _State()
+    metrics = Metrics()
+
+    def record(stats: RoundStats) -> None:
+        metrics.round_items.observe(stats.items)
+        metrics.round_requests.observe(stats.jobs)
+
+    def load() -> None:
+        try:
+            embedder = config.load()
+        except Exception as exc:
+            state.failure = f"{type(exc).__name__}: {exc}"
+            logger.error("the model failed to load: %s", state.failure)
+            return
+        state.scheduler = Scheduler(
+            embedder, batching=config.batching, max_queued_items=config.max_queued_items, on_round=record
+        )
+        state.embedder = embedder
+        logger.info("ready: %s (%d-d) on %s", embedder.model_name, embedder.dimension, embedder.device)
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        threading.Thread(target=load, name="e5v-load", daemon=True).start()
+        yield
+        if state.scheduler is not None:
+            await asyncio.to_thread(state.scheduler.close)
+
+    app = FastAPI(
+        title="e5v",
+        summary="E5-V universal multimodal embeddings, OpenAI-compatible",
+        lifespan=lifespan,
+        docs_url="/docs",
+    )
+
+    @app.exception_handler(RequestError)
+    async def refused(_request: Request, exc: RequestError) -> JSONResponse:
+        return _error(exc.status, exc.message, param=exc.param, kind=exc.kind)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return _error(exc.status_code, str(exc.detail))
+
+    def embedder_or_503() -> tuple[E5VEmbedder, Scheduler]:
+        if state.failure is not None:
+            raise RequestError(500, f"the model failed to load: {state.failure}", kind="server_error")
+        if state.embedder is None or state.scheduler is None:
+            raise RequestError(503, "the model is still loading; retry shortly", kind="server_error")
+        return state.embedder, state.scheduler
+
+    def authorize(request: Request) -> None:
+        if not config.api_keys:
+            return
+        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        matched = False
+        for key in config.api_keys:  # every key compared, in constant time
+            matched |= hmac.compare_digest(given.strip().encode(), key.encode())
+        if scheme.lower() != "bearer" or not matched:
+            raise RequestError(
+                401, "missing or wrong API key; send Authorization: Bearer KEY", kind="authentication_error"
+            )
+
+    @app.get("/health", summary="Liveness: the process answers")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready", summary="Readiness: 200 once the model is loaded, 503 before")
+    async def ready() -> JSONResponse:
+        if state.failure is not None:
+            return JSONResponse({"status": "failed", "error": state.failure}, status_code=500)
+        if state.embedder is None:
+            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/info", summary="The model and the server's limits")
+    async def info() -> dict[str, Any]:
+        embedder = state.embedder
+        return {
+            "model": config.model_name,
+            "ready": embedder is not None,
+            "revision": None if embedder is None else embedder.revision,
+            "dtype": None if embedder is None else str(embedder.dtype).removeprefix("torch."),
+            "device": None if embedder is None else str(embedder.device),
+            "dimension": None if embedder is None else embedder.dimension,
+            "max_batch_tokens": None if embedder is None else embedder.max_batch_tokens,
+            "max_batch_size": None if embedder is None else embedder.batch_size,
+            "max_concurrent_requests": config.max_concurrent_requests,
+            "max_client_batch_size": config.max_client_batch_size,
+            "payload_limit": config.payload_limit,
+            "max_queued_items": config.max_queued_items,
+            "allow_remote_images": config.allow_remote_images,
+            "cross_request_batching": config.batching,
+            "prompt_presets": sorted(PRESETS),
+        }
+
+    @app.get("/metrics", summary="Prometheus metrics")
+    async def prometheus() -> Response:
+        if state.scheduler is not None:
+            metrics.queue_items.set(state.scheduler.queued_items)
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", summary="The served model (OpenAI's shape)")
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return {
+            "object": "list",
+            "data": [{"id": config.model_name, "object": "model", "created": state.started, "owned_by": "e5v"}],
+        }
+
+    @app.post(
+        "/v1/embeddings",
+        summary="Embed texts, images, interleaved and composed items: one vector each",
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingRequest"}}},
+            }
+        },
+    )
+    async def embeddings(request: Request) -> Response:
+        started = time.perf_counter()
+        status = 200
+        try:
+            return await embed(request)
+        except RequestError as exc:
+            status = exc.status
+            raise
+        finally:
+            metrics.requests.labels(str(status)).inc()
+            metrics.latency.observe(time.perf_counter() - started)
+
+    async def embed(request: Request) -> Response:
+        authorize(request)
+        if state.in_flight >= config.max_concurrent_requests:
+            raise RequestError(
+                429,
+                f"the server is serving its limit of {config.max_concurrent_requests} concurrent requests; retry "
+                "shortly",
+                kind="rate_limit_error",
+            )
+        state.in_flight += 1
+        metrics.in_flight.inc()
+        try:
+            body = await _read_json(request, config.payload_limit)
+            embedder, scheduler = embedder_or_503()
+            requests, bodies, encoding = _checked(body, config, embedder)
+            if any(item.images for item in requests):
+                await asyncio.to_thread(_check_images, requests, embedder)
+            try:
+                future = scheduler.submit(requests, bodies)
+            except QueueFullError as exc:
+                raise RequestError(429, str(exc), kind="rate_limit_error") from None
+            result = await _wait(asyncio.wrap_future(future), future, request)
+            if result is None:
+                return Response(status_code=499)  # the client has gone: nothing to send
+            for item in requests:
+                metrics.items.labels(item.kind).inc()
+            metrics.tokens.inc(sum(result.tokens))
+            return _response(result, encoding, config.model_name)
+        finally:
+            state.in_flight -= 1
+            metrics.in_flight.dec()
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            from fastapi.openapi.utils import get_openapi
+
+            schema = get_openapi(title=app.title, version="1", summary=app.summary, routes=app.routes)
+            models = EmbeddingRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            components.update(models.pop("$defs", {}))
+            components["EmbeddingRequest"] = models
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app
+
+
+def _error(status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
+    """OpenAI's error shape."""
+    headers = {"Retry-After": "1"} if status in (429, 503) else None
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+async def _read_json(request: Request, limit: int) -> dict[str, Any]:
+    """The body as a JSON object, read no further than ``limit`` bytes (413 beyond)."""
+    too_large = RequestError(413, f"the request body is over the server's payload limit of {limit} bytes")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"the request body is not valid JSON ({exc})") from None
+    if not isinstance(body, dict):
+        raise RequestError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
+
+
+def _checked(
+    body: dict[str, Any], config: ServerConfig, embedder: E5VEmbedder
+) -> tuple[list[Any], dict[str, str], str]:
+    """The body's requests, prompt bodies and encoding, or the :class:`RequestError` to answer."""
+    unknown = sorted(set(body) - set(EmbeddingRequest.model_fields))
+    if unknown:
+        raise RequestError(400, f"unknown fields {unknown}; see /docs for the request's shape", param=unknown[0])
+    if body.get("dimensions") is not None:
+        raise RequestError(
+            400,
+            f"dimensions is not supported: E5-V gives {embedder.dimension}-d vectors and is not trained for "
+            "shorter ones; leave dimensions out",
+            param="dimensions",
+        )
+    model = body.get("model")
+    if model is not None and model != config.model_name:
+        raise RequestError(
+            404, f"model {model!r} is not served here; this server serves {config.model_name!r}", param="model"
+        )
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise RequestError(
+            400, f"encoding_format must be 'float' or 'base64', got {encoding!r}", param="encoding_format"
+        )
+    preset = body.get("prompts")
+    if preset is not None and preset not in PRESETS:
+        raise RequestError(400, f"unknown prompt preset {preset!r}; choose one of {sorted(PRESETS)}", param="prompts")
+    if "input" not in body:
+        raise RequestError(400, "the request has no 'input'", param="input")
+    items = body["input"]
+    if isinstance(items, list) and len(items) > config.max_client_batch_size:
+        raise RequestError(
+            413,
+            f"{len(items)} items is over the server's limit of {config.max_client_batch_size} a request; "
+            "split the input",
+            param="input",
+        )
+    try:
+        requests = parse_items(items, allow_remote=config.allow_remote_images)
+    except InvalidInputError as exc:
+        raise RequestError(400, str(exc), param="input") from None
+    return requests, embedder.prompt_bodies(preset), encoding
+
+
+def _check_images(requests: list[Any], embedder: E5VEmbedder) -> None:
+    """Decode every inline image once, so that a bad one is refused before it is queued."""
+    loader = ImageLoader(max_image_pixels=embedder.max_image_pixels)
+    for request in requests:
+        for image in request.images:
+            if isinstance(image, bytes):
+                try:
+                    loader.load(image, request.index)
+                except InvalidInputError as exc:
+                    raise RequestError(400, str(exc), param="input") from None
+
+
+async def _wait(waiting: asyncio.Future[Embedded], future: Any, request: Request) -> Embedded | None:
+    """The job's result; ``None`` (and the job dropped) if the client disconnects first."""
+    while True:
+        done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_SECONDS)
+        if done:
+            break
+        if await request.is_disconnected():
+            future.cancel()
+            waiting.cancel()
+            return None
+    try:
+        return waiting.result()
+    except InvalidInputError as exc:
+        raise RequestError(400, str(exc), param="input") from None
+    except E5VError as exc:
+        raise RequestError(500, str(exc), kind="server_error") from None
+
+
+def _response(result: Embedded, encoding: str, model: str) -> Response:
+    vectors = np.ascontiguousarray(result.vectors, dtype="<f4")
+    if encoding == "base64":
+        data = [base64.b64encode(vector.tobytes()).decode("ascii") for vector in vectors]
+    else:
+        data = vectors.tolist()
+    tokens = int(sum(result.tokens))
+    body = {
+        "object": "list",
+        "data": [{"object": "embedding", "index": i, "embedding": embedding} for i, embedding in enumerate(data)],
+        "model": model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
+    return Response(json.dumps(body, separators=(",", ":")), media_type="application/json")

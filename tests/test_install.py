@@ -132,7 +132,7 @@ def test_chroma_integration_installs_with_the_core_in_a_fresh_venv(tmp_path: Pat
     assert result["distances"][0] < 1e-4 and result["distances"][2] < 1e-4, result["distances"]
     assert result["dim"] == 64  # the tiny checkpoint's hidden size
 
-    # The optional features this venv lacks (peft, scikit-image, Ray; then the Chroma integration)
+    # The optional features this venv lacks (peft, scikit-image, Ray, FastAPI; then the Chroma integration)
     # each stop with one line naming the install command, before any model loads.
     e5v = str(venv / "bin" / "e5v")
     tiny = str(work / "tiny")
@@ -140,6 +140,7 @@ def test_chroma_integration_installs_with_the_core_in_a_fresh_venv(tmp_path: Pat
         'pip install "e5v[train]"': ["train", "--model", tiny, "--data", "pairs.csv", "--output", "adapter"],
         'pip install "e5v[bench]"': ["bench", "--model", tiny, "--texts", "1", "--images", "0", "--mixed", "0"],
         'pip install "e5v[ray]"': ["embed-dataset", "rows.jsonl", "out", "--text-column", "text"],
+        'pip install "e5v[serve]"': ["serve", "--model", tiny, "--port", "0"],
     }
     run([str(venv / "bin" / "pip"), "uninstall", "-y", "chromadb-e5v"], cwd=tmp_path, env=env, timeout=RUN_TIMEOUT_S)
     missing["pip install ./integrations/chroma (from the root of the e5v repository"] = ["index", str(work)]

@@ -6,7 +6,11 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -315,3 +319,60 @@ def test_a_client_that_disconnects_has_its_queued_items_dropped(server: str) -> 
         assert first.result().status_code == 200
     time.sleep(0.5)
     assert rounds_sum() - before == 1  # the second request never reached the model
+
+
+def test_the_serve_benchmark_runs_and_reports_every_figure(tiny_path: Path) -> None:
+    command = [sys.executable, "-m", "e5v", "bench-serve", "--model", str(tiny_path), "--texts", "4"]
+    result = subprocess.run(
+        [*command, "--repeats", "1", "--requests", "1", "--json"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert {(row["clients"], row["batching"]) for row in report["clients"]} == {
+        (clients, batching) for clients in (1, 4, 8) for batching in (True, False)
+    }
+    for key in ("in_process_gain", "server_gain", "server_gain_share", "http_ratio"):
+        assert report[key] > 0
+
+
+# -- the CLI through a server -----------------------------------------------------------
+
+
+def test_index_search_and_embed_through_the_server(
+    server: str, tiny_path: Path, embedder, photo_dir: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    import chromadb
+
+    from e5v.cli import main
+
+    monkeypatch.setenv("E5V_API_KEY", KEY)
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "note.md").write_text("A note about cats and sofas.", encoding="utf-8")
+    shutil.copy(photo_dir / "cat.png", folder / "cat.png")
+    db = tmp_path / "db"
+    assert main(["index", str(folder), "--db", str(db), "--server", server]) == 0
+    assert capsys.readouterr().out.startswith("indexed 2 files (2 records)")
+    got = chromadb.PersistentClient(path=str(db)).get_collection("e5v").get(include=["metadatas", "embeddings"])
+    by_path = {m["path"]: vector for m, vector in zip(got["metadatas"], got["embeddings"])}
+    np.testing.assert_allclose(by_path[str(folder / "cat.png")], embedder.embed([folder / "cat.png"])[0], atol=ATOL)
+    note = embedder.embed_texts(["A note about cats and sofas."])[0]
+    np.testing.assert_allclose(by_path[str(folder / "note.md")], note, atol=ATOL)
+
+    assert main(["search", "A note about cats and sofas.", "--db", str(db), "--server", server, "--json"]) == 0
+    hits = json.loads(capsys.readouterr().out)
+    assert hits[0]["path"] == str(folder / "note.md") and hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
+
+    out = tmp_path / "vectors.npy"
+    assert main(["embed", "a photo of a cat", str(folder / "cat.png"), "--server", server, "-o", str(out)]) == 0
+    np.testing.assert_allclose(np.load(out), embedder.embed(["a photo of a cat", folder / "cat.png"]), atol=ATOL)
+
+    assert main(["search", "x", "--db", str(db), "--server", server, "--device", "cpu"]) == 2
+    assert "--server embeds with the server's model, so --device cannot be set" in capsys.readouterr().err
+    monkeypatch.setenv("E5V_API_KEY", "wrong")
+    assert main(["embed", "x", "--server", server]) == 2
+    assert "refused the API key" in capsys.readouterr().err

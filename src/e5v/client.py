@@ -48,6 +48,9 @@ class Embedder(Protocol):
     @property
     def model_name(self) -> str: ...
 
+    @property
+    def batch_size(self) -> int: ...
+
     def embed_texts(self, texts: Sequence[str], **options: Any) -> np.ndarray: ...
 
     def embed_images(self, images: Sequence[Any], **options: Any) -> np.ndarray: ...
@@ -107,6 +110,11 @@ class RemoteEmbedder:
     @property
     def model_name(self) -> str:
         return str(self.info["model"])
+
+    @property
+    def batch_size(self) -> int:
+        """The most items the server's model takes a forward pass."""
+        return int(self.info["max_batch_size"])
 
     def embed_texts(self, texts: Sequence[str], **options: Any) -> np.ndarray:
         return self._embed([_text(text, i) for i, text in enumerate(_listed(texts, "texts"))], **options)

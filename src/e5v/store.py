@@ -20,7 +20,8 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from e5v.embedder import DEFAULT_MODEL, E5VEmbedder
+from e5v.client import Embedder, RemoteEmbedder
+from e5v.defaults import DEFAULT_MODEL
 from e5v.errors import E5VError, InvalidInputError
 from e5v.indexing import (
     DEFAULT_MAX_CHARS,
@@ -272,28 +273,37 @@ class Store:
         device: str | None = None,
         dtype: str | None = None,
         batch_size: int | Literal["auto"] = "auto",
-    ) -> E5VEmbedder:
-        """Load the model (checked by :meth:`model`), then create the database and the
+        server: str | None = None,
+    ) -> Embedder:
+        """Load the model (checked by :meth:`model`), or with ``server`` use that ``e5v
+        serve`` (its model checked the same way), then create the database and the
         collection if needed, or rebind an empty collection to this model."""
         from chromadb_e5v import E5VEmbeddingFunction
         from e5v.prompts import PromptSet
 
+        if server is not None:
+            requested = RemoteEmbedder(server).model_name  # the server's model, checked like --model
         name = self.model(requested, revision)
         bound = self._bound()
         if bound is None and self.config is not None and requested is not None:
             self.config = None  # an empty collection: the options asked for, not its old ones
         config = self.config or {}
         prompts = config.get("prompts")
-        function = E5VEmbeddingFunction(
-            name,
-            device=device,
-            # the stored dtype by default: Chroma rebuilds the function from its config
-            # on writes, and an equal config shares this model instead of loading another
-            dtype=dtype if dtype is not None else config.get("dtype"),
-            batch_size=batch_size,
-            revision=revision if self.config is None else config.get("revision", revision),
-            prompts=PromptSet(**prompts) if isinstance(prompts, dict) else prompts,
-        )
+        if server is not None:
+            function = E5VEmbeddingFunction(
+                name, batch_size=batch_size, prompts=prompts if isinstance(prompts, str) else None, base_url=server
+            )
+        else:
+            function = E5VEmbeddingFunction(
+                name,
+                device=device,
+                # the stored dtype by default: Chroma rebuilds the function from its config
+                # on writes, and an equal config shares this model instead of loading another
+                dtype=dtype if dtype is not None else config.get("dtype"),
+                batch_size=batch_size,
+                revision=revision if self.config is None else config.get("revision", revision),
+                prompts=PromptSet(**prompts) if isinstance(prompts, dict) else prompts,
+            )
         embedder = function.embedder  # loads the model: a failure leaves nothing behind
         seen = None if self.collection is None else self.collection.id
         with self._locked(f"creating the collection {self.name!r}"):
@@ -436,7 +446,7 @@ class Store:
 def index_files(
     store: Store,
     paths: Sequence[str | Path],
-    connect: Callable[[], E5VEmbedder],
+    connect: Callable[[], Embedder],
     *,
     batch_size: int | Literal["auto"] = "auto",
     max_chars: int = DEFAULT_MAX_CHARS,
@@ -531,7 +541,7 @@ def _items(records: Sequence[Record]) -> list[Any]:
 
 
 def _embed_files(
-    embedder: E5VEmbedder, files: list[FileRecords], batch_size: int
+    embedder: Embedder, files: list[FileRecords], batch_size: int
 ) -> tuple[list[tuple[FileRecords, np.ndarray]], list[SkippedPath]]:
     """Embed the files' records together; if one item is bad, file by file to find it."""
     records = [record for file in files for record in file.records]

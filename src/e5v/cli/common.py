@@ -9,19 +9,25 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 from e5v.defaults import DEFAULT_MODEL
+from e5v.errors import ConfigurationError
 
 if TYPE_CHECKING:
+    from e5v.client import Embedder, RemoteEmbedder
     from e5v.embedder import E5VEmbedder
+    from e5v.store import Store
 
 __all__ = [
     "add_collection_options",
     "add_model_options",
+    "add_server_option",
     "batch_size_option",
     "configure_output",
+    "connect_from_args",
     "device_option",
     "dtype_option",
     "embedder_from_args",
     "positive",
+    "remote_from_args",
     "show_progress",
 ]
 
@@ -86,7 +92,6 @@ def dtype_option(value: str) -> str:
 def _checked(value: str, check: Callable[[Any], object]) -> str:
     """``value`` if ``check(e5v.loading)`` accepts it, else argparse's error with e5v's message."""
     from e5v import loading
-    from e5v.errors import ConfigurationError
 
     try:
         check(loading)
@@ -133,6 +138,43 @@ def add_model_options(
         "budget says so)",
     )
     return group
+
+
+def add_server_option(group: argparse._ArgumentGroup) -> None:
+    """``--server URL``: embed through a running ``e5v serve`` instead of loading the model."""
+    group.add_argument(
+        "--server",
+        metavar="URL",
+        default=None,
+        help="embed through a running `e5v serve` at URL (its key from $E5V_API_KEY) instead of loading a model",
+    )
+
+
+def remote_from_args(args: argparse.Namespace) -> RemoteEmbedder:
+    """The ``--server`` client; model options cannot be combined with it."""
+    from e5v.client import RemoteEmbedder
+
+    given = [f"--{name}" for name in ("device", "dtype", "revision") if getattr(args, name, None) is not None]
+    if getattr(args, "model", None) not in (None, DEFAULT_MODEL):
+        given.insert(0, "--model")
+    if given:
+        raise ConfigurationError(
+            f"--server embeds with the server's model, so {', '.join(given)} cannot be set here; leave "
+            f"{'it' if len(given) == 1 else 'them'} out, or start the server with {'it' if len(given) == 1 else 'them'}"
+        )
+    return RemoteEmbedder(args.server)
+
+
+def connect_from_args(store: Store, args: argparse.Namespace) -> Embedder:
+    """``store.connect`` with the model (or ``--server``) options of ``index`` and ``search``."""
+    return store.connect(
+        args.model,
+        revision=args.revision,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        server=args.server,
+    )
 
 
 def embedder_from_args(args: argparse.Namespace, **options: object) -> E5VEmbedder:

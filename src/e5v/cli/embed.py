@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from e5v.cli.common import add_model_options, embedder_from_args, show_progress
+from e5v.cli.common import add_model_options, add_server_option, embedder_from_args, remote_from_args, show_progress
 
 __all__ = ["register"]
 
@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--kind", choices=("auto", "text", "image"), default="auto", help="how to read INPUTs (default: auto)"
     )
-    add_model_options(parser)
+    add_server_option(add_model_options(parser))
     parser.set_defaults(handler=run)
 
 
@@ -99,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
                 sys.stderr.write(f"e5v embed: warning: INPUT {number} ({value!r}) {warning}\n")
     items = [Path(value) if kind == "image" else value for value, kind in zip(args.inputs, kinds)]
     try:
-        vectors = embedder_from_args(args, show_progress_bar=show_progress(args.quiet)).embed(items)
+        embedder = remote_from_args(args) if args.server else embedder_from_args(args)
+        vectors = embedder.embed(items, show_progress_bar=show_progress(args.quiet))
     except InvalidInputError as exc:
         index = exc.index if exc.index is not None else 0
         reason = str(exc).removeprefix(f"item {exc.index}: ")

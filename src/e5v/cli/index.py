@@ -5,7 +5,15 @@ from __future__ import annotations
 import argparse
 import sys
 
-from e5v.cli.common import add_collection_options, add_model_options, positive, show_progress
+from e5v.cli.common import (
+    add_collection_options,
+    add_model_options,
+    add_server_option,
+    connect_from_args,
+    positive,
+    remote_from_args,
+    show_progress,
+)
 from e5v.defaults import DEFAULT_MODEL
 
 __all__ = ["register"]
@@ -46,11 +54,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("paths", nargs="+", metavar="PATH", help="files and folders to index")
     add_collection_options(parser)
-    add_model_options(
-        parser,
-        model_default=None,
-        model_help=f"hub id or local checkpoint folder (default: the collection's model; {DEFAULT_MODEL} for a "
-        "new one)",
+    add_server_option(
+        add_model_options(
+            parser,
+            model_default=None,
+            model_help=f"hub id or local checkpoint folder (default: the collection's model; {DEFAULT_MODEL} for "
+            "a new one)",
+        )
     )
     parser.add_argument(
         "--max-chars", type=positive, default=800, help="longest text passage, in characters (default: 800)"
@@ -75,13 +85,12 @@ def run(args: argparse.Namespace) -> int:
         tqdm.write(f"failed: {printable_path(skipped.path)}: {skipped.reason}", file=sys.stderr)
 
     store = Store(args.db, args.collection, create=True, url=args.chroma_url)
-    store.model(args.model, args.revision)  # refuse another model before reading any file
+    requested = remote_from_args(args).model_name if args.server else args.model
+    store.model(requested, args.revision)  # refuse another model before reading any file
     summary = index_files(
         store,
         args.paths,
-        lambda: store.connect(
-            args.model, revision=args.revision, device=args.device, dtype=args.dtype, batch_size=args.batch_size
-        ),
+        lambda: connect_from_args(store, args),
         batch_size=args.batch_size,
         max_chars=args.max_chars,
         prune=args.prune,

@@ -9,7 +9,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from e5v.cli.common import add_collection_options, add_model_options, positive
+from e5v.cli.common import (
+    add_collection_options,
+    add_model_options,
+    add_server_option,
+    connect_from_args,
+    positive,
+    remote_from_args,
+)
 
 if TYPE_CHECKING:
     from e5v.store import Hit
@@ -46,8 +53,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--kind", choices=("image", "text"), help="only results of this kind")
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     add_collection_options(parser)
-    add_model_options(
-        parser, model_default=None, model_help="hub id or local checkpoint folder (default: the collection's model)"
+    add_server_option(
+        add_model_options(
+            parser, model_default=None, model_help="hub id or local checkpoint folder (default: the collection's model)"
+        )
     )
     parser.set_defaults(handler=run)
 
@@ -69,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
                 f"collection {args.collection!r} in {args.chroma_url or args.db!r} holds no records yet; "
                 "index files first with `e5v index PATH`"
             )
-        embedder = store.connect(
-            args.model, revision=args.revision, device=args.device, dtype=args.dtype, batch_size=args.batch_size
-        )
+        if args.server:
+            remote_from_args(args)  # refuses model options before anything is read
+        embedder = connect_from_args(store, args)
         if args.image is None:
             query = embedder.embed_texts([args.text])
         elif args.text is None:

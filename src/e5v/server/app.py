@@ -3,7 +3,7 @@
 Routes: ``POST /v1/embeddings`` (OpenAI's shape, multimodal items), ``GET /v1/models``,
 ``GET /health`` (alive), ``GET /ready`` (503 while the model loads), ``GET /info``,
 ``GET /metrics`` (Prometheus). ``/v1/*`` needs ``Authorization: Bearer KEY`` when keys
-are set. The model loads on a thread once the server listens.
+are set. Once the server listens, the model loads on a thread that then runs every round.
 """
 
 from __future__ import annotations
@@ -82,15 +82,16 @@ def create_app(config: ServerConfig) -> FastAPI:
             state.failure = f"{type(exc).__name__}: {exc}"
             logger.error("the model failed to load: %s", state.failure)
             return
-        state.scheduler = Scheduler(
-            embedder, batching=config.batching, max_queued_items=config.max_queued_items, on_round=record
+        scheduler = Scheduler(
+            embedder, batching=config.batching, max_queued_items=config.max_queued_items, on_round=record, thread=False
         )
-        state.embedder = embedder
+        state.scheduler, state.embedder = scheduler, embedder
         logger.info("ready: %s (%d-d) on %s", embedder.model_name, embedder.dimension, embedder.device)
+        scheduler.serve()  # on the thread that loaded the model
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
-        threading.Thread(target=load, name="e5v-load", daemon=True).start()
+        threading.Thread(target=load, name="e5v-model", daemon=True).start()
         yield
         if state.scheduler is not None:
             await asyncio.to_thread(state.scheduler.close)

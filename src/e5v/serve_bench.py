@@ -1,0 +1,223 @@
+"""``e5v bench-serve``: what batching across requests buys, over loopback, in one run.
+
+On one checkpoint and one list of texts: in-process, ``N`` single-text calls against one
+call of the ``N`` texts (the gain batching can give); then ``e5v serve`` in a subprocess,
+with cross-request batching and with ``--no-batching``, under 1, 8 and ``N`` concurrent
+single-text clients (throughput, p50 and p99 latency), and one request of the ``N`` texts
+against the in-process call (what HTTP, JSON, base64 and decoding cost).
+"""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from e5v.bench import make_corpus
+from e5v.embedder import E5VEmbedder
+from e5v.errors import E5VError
+
+__all__ = ["ServeBenchReport", "format_serve_report", "run_serve_bench"]
+
+#: Concurrent single-text clients measured (the largest is the corpus size).
+CONCURRENCY = (1, 8)
+#: Seconds to wait for a server to load its model.
+READY_TIMEOUT = 600.0
+
+
+@dataclass
+class ClientsResult:
+    """``clients`` concurrent single-text clients: requests per second and latencies (ms)."""
+
+    clients: int
+    batching: bool
+    requests_per_s: float
+    p50_ms: float
+    p99_ms: float
+
+
+@dataclass
+class ServeBenchReport:
+    model: str
+    texts: int
+    repeats: int
+    in_process_single_s: float = 0.0
+    in_process_batch_s: float = 0.0
+    http_batch_s: float = 0.0
+    clients: list[ClientsResult] = field(default_factory=list)
+
+    @property
+    def in_process_gain(self) -> float:
+        """One call of the texts against one call per text, in process."""
+        return self.in_process_single_s / self.in_process_batch_s
+
+    def server_gain(self) -> float:
+        """Cross-request batching against batching off, at the most concurrent clients."""
+        most = max(result.clients for result in self.clients)
+        on, off = (
+            next(r for r in self.clients if r.clients == most and r.batching is batching) for batching in (True, False)
+        )
+        return on.requests_per_s / off.requests_per_s
+
+    @property
+    def http_ratio(self) -> float:
+        """The batched request's throughput over the in-process call's."""
+        return self.in_process_batch_s / self.http_batch_s
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            **asdict(self),
+            "in_process_gain": self.in_process_gain,
+            "server_gain": self.server_gain(),
+            "server_gain_share": self.server_gain() / self.in_process_gain,
+            "http_ratio": self.http_ratio,
+        }
+
+
+def run_serve_bench(
+    model: str | Path | None = None,
+    *,
+    random_init: str | None = None,
+    texts: int = 32,
+    repeats: int = 3,
+    requests_per_client: int = 4,
+    seed: int = 0,
+) -> ServeBenchReport:
+    """Measure as the module docstring says; ``random_init`` builds a preset checkpoint
+    (random weights, CPU, float32) in a temporary folder that the server loads too."""
+    with tempfile.TemporaryDirectory(prefix="e5v-bench-serve-") as folder:
+        if random_init is not None:
+            from e5v.testing import build_tiny_checkpoint
+
+            model = build_tiny_checkpoint(Path(folder, random_init), random_init, seed=seed)
+        if model is None:
+            raise E5VError("give a model (hub id or path) or random_init")
+        corpus = [str(text) for text in make_corpus(texts, 0, 0, seed=seed)["texts"]]
+        report = ServeBenchReport(model=str(model), texts=len(corpus), repeats=repeats)
+        embedder = E5VEmbedder(model, device="cpu")
+        embedder.embed_texts(corpus)  # warm-up
+        report.in_process_single_s = _median(repeats, lambda: [embedder.embed_texts([text]) for text in corpus])
+        report.in_process_batch_s = _median(repeats, lambda: embedder.embed_texts(corpus))
+        for batching in (True, False):
+            with _Server(model, batching) as port:
+                _post(port, corpus)  # warm-up
+                if batching:
+                    report.http_batch_s = _median(repeats, lambda: _post(port, corpus))
+                for clients in sorted({*CONCURRENCY, len(corpus)}):
+                    report.clients.append(_clients(port, corpus, clients, batching, requests_per_client))
+        return report
+
+
+def _median(repeats: int, run: Any) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _clients(port: int, corpus: list[str], clients: int, batching: bool, per_client: int) -> ClientsResult:
+    """``clients`` threads, each with its own connection, sending ``per_client`` single texts."""
+
+    def client(number: int) -> list[float]:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+        latencies = []
+        for request in range(per_client):
+            start = time.perf_counter()
+            _post(port, [corpus[(number + request * clients) % len(corpus)]], connection)
+            latencies.append(time.perf_counter() - start)
+        connection.close()
+        return latencies
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        latencies = sorted(latency for found in pool.map(client, range(clients)) for latency in found)
+    elapsed = time.perf_counter() - start
+    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
+    return ClientsResult(clients, batching, len(latencies) / elapsed, 1000 * statistics.median(latencies), 1000 * p99)
+
+
+def _post(port: int, texts: list[str], connection: http.client.HTTPConnection | None = None) -> np.ndarray:
+    own = connection is None
+    connection = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+    body = json.dumps({"input": texts, "encoding_format": "base64"})
+    connection.request("POST", "/v1/embeddings", body, {"Content-Type": "application/json"})
+    response = connection.getresponse()
+    answer = json.loads(response.read())
+    if own:
+        connection.close()
+    if response.status != 200:
+        raise E5VError(f"the server answered {response.status}: {answer}")
+    return np.stack([np.frombuffer(base64.b64decode(row["embedding"]), dtype="<f4") for row in answer["data"]])
+
+
+class _Server:
+    """``e5v serve`` in a subprocess on a free loopback port, ready on entry, stopped on exit."""
+
+    def __init__(self, model: str | Path, batching: bool) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        command = [sys.executable, "-m", "e5v", "serve", "--model", str(model), "--port", str(self.port), "-q"]
+        command += ["--device", "cpu", "--max-client-batch-size", "4096"] + ([] if batching else ["--no-batching"])
+        self.command = command
+
+    def __enter__(self) -> int:
+        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + READY_TIMEOUT
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise E5VError(f"the server exited with status {self.process.returncode}: {' '.join(self.command)}")
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=1) as response:
+                    if response.status == 200:
+                        return self.port
+            except OSError:
+                time.sleep(0.2)
+        self.__exit__()
+        raise E5VError(f"the server was not ready in {READY_TIMEOUT:.0f} s")
+
+    def __exit__(self, *_exc: object) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+
+
+def format_serve_report(report: ServeBenchReport) -> str:
+    lines = [
+        f"model {report.model}, {report.texts} texts, median of {report.repeats}",
+        f"in process: {report.texts} single calls {report.in_process_single_s:.3f} s, one call "
+        f"{report.in_process_batch_s:.3f} s: batching gains {report.in_process_gain:.2f}x",
+        f"over HTTP: one request of the {report.texts} texts {report.http_batch_s:.3f} s: "
+        f"{report.http_ratio:.2f}x the in-process throughput",
+        "",
+        "clients  batching  requests/s  p50 ms  p99 ms",
+    ]
+    for result in report.clients:
+        lines.append(
+            f"{result.clients:>7}  {'on' if result.batching else 'off':>8}  {result.requests_per_s:>10.1f}  "
+            f"{result.p50_ms:>6.1f}  {result.p99_ms:>6.1f}"
+        )
+    gain = report.server_gain()
+    lines += [
+        "",
+        f"{max(r.clients for r in report.clients)} concurrent clients: batching across requests gains {gain:.2f}x, "
+        f"{gain / report.in_process_gain:.0%} of the in-process gain",
+    ]
+    return "\n".join(lines)

@@ -334,7 +334,7 @@ def test_training_and_adapters_load_without_warnings(tmp_path: Path, tiny_path: 
 
 @pytest.mark.parametrize("module", SUBCOMMANDS)
 def test_every_command_has_examples_and_quiet(module: str, capsys) -> None:
-    command = module.replace("ray_embed", "embed-dataset")
+    command = {"ray_embed": "embed-dataset", "bench_serve": "bench-serve"}.get(module, module)
     with pytest.raises(SystemExit) as exited:
         main([command, "--help"])
     assert exited.value.code == 0

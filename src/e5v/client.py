@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from e5v.errors import ConfigurationError, E5VError, EmbeddingError, InvalidInputError
-from e5v.inputs import Composed, ImageLoader, Interleaved, describe
+from e5v.inputs import Composed, ImageLoader, Interleaved, as_list, check_lengths, describe
 
 __all__ = ["API_KEY_ENV_VAR", "Embedder", "RemoteEmbedder"]
 
@@ -117,15 +117,14 @@ class RemoteEmbedder:
         return int(self.info["max_batch_size"])
 
     def embed_texts(self, texts: Sequence[str], **options: Any) -> np.ndarray:
-        return self._embed([_text(text, i) for i, text in enumerate(_listed(texts, "texts"))], **options)
+        return self._embed([_text(text, i) for i, text in enumerate(as_list(texts, "texts"))], **options)
 
     def embed_images(self, images: Sequence[Any], **options: Any) -> np.ndarray:
-        return self._embed([_image_part(image, i) for i, image in enumerate(_listed(images, "images"))], **options)
+        return self._embed([_image_part(image, i) for i, image in enumerate(as_list(images, "images"))], **options)
 
     def embed_composed(self, images: Sequence[Any], texts: Sequence[str], **options: Any) -> np.ndarray:
-        images, texts = _listed(images, "images"), _listed(texts, "texts")
-        if len(images) != len(texts):
-            raise InvalidInputError(f"got {len(images)} images and {len(texts)} texts; pass one text per image")
+        images, texts = as_list(images, "images"), as_list(texts, "texts")
+        check_lengths(images, texts)
         pairs = enumerate(zip(images, texts))
         return self._embed([_item(Composed(image, text), i) for i, (image, text) in pairs], **options)
 
@@ -133,7 +132,7 @@ class RemoteEmbedder:
         return self._embed(
             [
                 _item(item if isinstance(item, Interleaved) else Interleaved(item), i)
-                for i, item in enumerate(_listed(items, "items"))
+                for i, item in enumerate(as_list(items, "items"))
             ],
             **options,
         )
@@ -141,7 +140,7 @@ class RemoteEmbedder:
     def embed(self, items: Sequence[Any], *, prompts: str | None = None, **options: Any) -> np.ndarray:
         """A mixed list, as :meth:`E5VEmbedder.embed <e5v.embedder.E5VEmbedder.embed>` takes it;
         ``prompts``: a preset name the server knows."""
-        return self._embed([_item(item, i) for i, item in enumerate(_listed(items, "items"))], prompts, **options)
+        return self._embed([_item(item, i) for i, item in enumerate(as_list(items, "items"))], prompts, **options)
 
     def _embed(
         self,
@@ -216,12 +215,6 @@ def _error(url: str, status: int, raw: bytes) -> E5VError:
     if status == 401:
         return ConfigurationError(f"the e5v server at {url} refused the API key: {message}")
     return EmbeddingError(f"the e5v server answered {status} to {url}: {message}")
-
-
-def _listed(items: Sequence[Any], name: str) -> list[Any]:
-    if isinstance(items, (str, bytes, Image.Image, np.ndarray, Interleaved)) or not hasattr(items, "__iter__"):
-        raise InvalidInputError(f"{name} must be a list of items, got a single {type(items).__name__}; wrap it in [ ]")
-    return list(items)
 
 
 def _text(value: object, index: int) -> str:

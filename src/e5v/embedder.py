@@ -14,18 +14,18 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image
 
 from e5v import loading, runner
 from e5v.batching import check_batch_size, chunked, plan_batches
 from e5v.cache import EmbeddingCache, entry_key, image_digest, path_fingerprint
 from e5v.defaults import DEFAULT_MODEL
-from e5v.errors import ConfigurationError, EmbeddingError, InvalidInputError
+from e5v.errors import ConfigurationError, EmbeddingError
 from e5v.inputs import (
     DEFAULT_MAX_IMAGE_PIXELS,
     ImageLoader,
     Interleaved,
     Request,
+    as_list,
     check_lengths,
     composed_request,
     image_request,
@@ -230,20 +230,20 @@ class E5VEmbedder:
 
     def embed_texts(self, texts: Sequence[str], *, prompt: str | None = None, **options: Any) -> np.ndarray:
         """Embed texts with the text prompt (or ``prompt``, a BODY with ``<sent>``)."""
-        requests = [text_request(text, i) for i, text in enumerate(_as_list(texts, "texts"))]
+        requests = [text_request(text, i) for i, text in enumerate(as_list(texts, "texts"))]
         return self._run(requests, self._bodies(text=prompt), **options)
 
     def embed_images(self, images: Sequence[Any], *, prompt: str | None = None, **options: Any) -> np.ndarray:
         """Embed image-likes (a ``str`` is a path or URI) with the image prompt
         (or ``prompt``, a BODY with ``<image>``)."""
-        requests = [image_request(image, i) for i, image in enumerate(_as_list(images, "images"))]
+        requests = [image_request(image, i) for i, image in enumerate(as_list(images, "images"))]
         return self._run(requests, self._bodies(image=prompt), **options)
 
     def embed_composed(
         self, images: Sequence[Any], texts: Sequence[str], *, prompt: str | None = None, **options: Any
     ) -> np.ndarray:
         """Embed composed queries: ``images[i]`` modified as ``texts[i]`` says (CIRR prompt)."""
-        images, texts = _as_list(images, "images"), _as_list(texts, "texts")
+        images, texts = as_list(images, "images"), as_list(texts, "texts")
         check_lengths(images, texts)
         requests = [composed_request(image, text, i) for i, (image, text) in enumerate(zip(images, texts))]
         return self._run(requests, self._bodies(composed=prompt), **options)
@@ -254,14 +254,14 @@ class E5VEmbedder:
         """Embed interleaved items (``Interleaved`` or sequences of parts), one vector each."""
         requests = [
             interleaved_request(item if isinstance(item, Interleaved) else Interleaved(item), i)
-            for i, item in enumerate(_as_list(items, "items"))
+            for i, item in enumerate(as_list(items, "items"))
         ]
         return self._run(requests, self._bodies(interleaved=prompt), **options)
 
     def embed(self, items: Sequence[Any], *, prompts: str | PromptSet | None = None, **options: Any) -> np.ndarray:
         """Embed a mixed list: ``str`` is text; ``Interleaved``, ``Composed``, or an image-like
         (``pathlib.Path``, PIL, bytes, numpy array, binary file)."""
-        requests = [to_request(item, i) for i, item in enumerate(_as_list(items, "items"))]
+        requests = [to_request(item, i) for i, item in enumerate(as_list(items, "items"))]
         prompt_set = self.prompts if prompts is None else get_prompts(prompts)
         return self._run(requests, _bodies_of(prompt_set), **options)
 
@@ -595,12 +595,6 @@ def _bodies_of(prompt_set: PromptSet) -> dict[str, str]:
         "composed": prompt_set.composed,
         "interleaved": prompt_set.interleaved,
     }
-
-
-def _as_list(items: Sequence[Any], name: str) -> list[Any]:
-    if isinstance(items, (str, bytes, Image.Image, np.ndarray, Interleaved)) or not hasattr(items, "__iter__"):
-        raise InvalidInputError(f"{name} must be a list of items, got a single {type(items).__name__}; wrap it in [ ]")
-    return list(items)
 
 
 def _progress(total: int, enabled: bool) -> Callable[[int | None], None]:

@@ -328,6 +328,13 @@ def check_text(value: object, index: int) -> str:
     return value
 
 
+def as_list(items: Sequence[Any], name: str) -> list[Any]:
+    """``items`` as a list, or :class:`InvalidInputError` when one item was passed where a list was meant."""
+    if isinstance(items, (str, bytes, Image.Image, np.ndarray, Interleaved)) or not hasattr(items, "__iter__"):
+        raise InvalidInputError(f"{name} must be a list of items, got a single {type(items).__name__}; wrap it in [ ]")
+    return list(items)
+
+
 def check_lengths(images: Sequence[object], texts: Sequence[object]) -> None:
     """Raise unless composed ``images`` and ``texts`` pair up one to one."""
     if len(images) != len(texts):

@@ -29,6 +29,7 @@ def test_jobs_from_many_threads_get_their_own_vectors(embedder) -> None:
             np.testing.assert_allclose(result.vectors, embedder.embed_texts([f"job {n}", "shared"]), atol=1e-5)
             assert len(result.tokens) == 2 and all(count > 0 for count in result.tokens)
         assert sum(stats.jobs for stats in rounds) == 32 and len(rounds) < 32  # merged
+        assert all(stats.seconds > 0 for stats in rounds)
     finally:
         scheduler.close()
 

@@ -255,6 +255,7 @@ def test_health_ready_info_metrics_and_the_schema(server: str, tiny_path: Path, 
         "e5v_items_embedded_total",
         "e5v_tokens_embedded_total",
         "e5v_round_items_bucket",
+        "e5v_round_duration_seconds_bucket",
         "e5v_queue_items",
         "e5v_request_duration_seconds_bucket",
     ):
@@ -337,6 +338,7 @@ def test_the_serve_benchmark_runs_and_reports_every_figure(tiny_path: Path) -> N
     }
     for key in ("in_process_gain", "server_gain", "server_gain_share", "http_ratio"):
         assert report[key] > 0
+    assert 0 < report["http_model_s"] < report["http_batch_s"] and 0 < report["http_overhead"] < 1
 
 
 # -- the CLI through a server -----------------------------------------------------------

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -21,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
+import torch
 
 from e5v.errors import E5VError, InvalidInputError
 from e5v.inputs import Request
@@ -65,10 +67,11 @@ class Job:
 
 @dataclass
 class RoundStats:
-    """What one round embedded: its jobs and items."""
+    """What one round embedded: its jobs, items and the seconds the embedder took."""
 
     jobs: int
     items: int
+    seconds: float
 
 
 class Scheduler:
@@ -164,10 +167,16 @@ class Scheduler:
 
     def serve(self) -> None:
         """Run rounds on this thread until :meth:`close`."""
+        # A thread started while another (e.g. uvicorn's event loop) holds the main one ran
+        # torch's CPU kernels on one core although get_num_threads() said 2; setting the count
+        # again on this thread gives its parallel regions their full pool.
+        torch.set_num_threads(torch.get_num_threads())
         while (jobs := self._next_round()) is not None:
             if jobs:
-                self._on_round(RoundStats(len(jobs), sum(len(job.requests) for job in jobs)))
+                start = time.perf_counter()
+                items = sum(len(job.requests) for job in jobs)
                 self._run(jobs)
+                self._on_round(RoundStats(len(jobs), items, time.perf_counter() - start))
 
     def _run(self, jobs: list[Job]) -> None:
         """Embed the jobs as one call; a job with a bad item fails alone, the rest go again."""

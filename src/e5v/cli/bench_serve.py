@@ -12,8 +12,9 @@ from e5v.cli.common import positive
 __all__ = ["register"]
 
 EPILOG = """\
-Starts `e5v serve` twice in a subprocess on a loopback port (batching across requests,
-then --no-batching) on the same checkpoint as the in-process embedder, on the CPU.
+Starts two `e5v serve` subprocesses on loopback ports (batching across requests, and
+--no-batching) on the same checkpoint as the in-process embedder, on the CPU; each repeat
+takes every measure once, in turn.
 Needs the serve and bench extras. Quote ratios from one run.
 
 examples:

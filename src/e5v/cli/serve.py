@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     uvicorn = require("uvicorn", "serve")
     require("prometheus_client", "serve")
     from e5v.cli.common import embedder_from_args
+    from e5v.memory import keep_freed_memory
     from e5v.server.app import ServerConfig, create_app
 
     keys = [*args.api_key, *(key.strip() for key in os.environ.get(API_KEY_VARIABLE, "").split(",") if key.strip())]
@@ -98,5 +99,6 @@ def run(args: argparse.Namespace) -> int:
         allow_remote_images=args.allow_remote_images,
         batching=args.batching,
     )
+    keep_freed_memory()  # before the model loads: rounds reuse their memory
     uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
     return 0

@@ -37,9 +37,6 @@ __all__ = ["ServerConfig", "create_app"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds between checks that a waiting client is still connected.
-DISCONNECT_POLL_SECONDS = 0.05
-
 
 @dataclass
 class ServerConfig:
@@ -74,6 +71,7 @@ def create_app(config: ServerConfig) -> FastAPI:
     def record(stats: RoundStats) -> None:
         metrics.round_items.observe(stats.items)
         metrics.round_requests.observe(stats.jobs)
+        metrics.round_seconds.observe(stats.seconds)
 
     def load() -> None:
         try:
@@ -332,21 +330,34 @@ def _check_images(requests: list[Any], embedder: E5VEmbedder) -> None:
 
 
 async def _wait(waiting: asyncio.Future[Embedded], future: Any, request: Request) -> Embedded | None:
-    """The job's result; ``None`` (and the job dropped) if the client disconnects first."""
-    while True:
-        done, _ = await asyncio.wait({waiting}, timeout=DISCONNECT_POLL_SECONDS)
-        if done:
-            break
-        if await request.is_disconnected():
-            future.cancel()
-            waiting.cancel()
-            return None
+    """The job's result; ``None`` (and the job dropped) if the client disconnects first.
+
+    The body has been read, so the next ASGI message is the disconnect: waiting for it
+    costs nothing while the job runs (no polling)."""
+    watcher = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({waiting, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        future.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if not waiting.done():
+        future.cancel()
+        waiting.cancel()
+        return None
     try:
         return waiting.result()
     except InvalidInputError as exc:
         raise RequestError(400, str(exc), param="input") from None
     except E5VError as exc:
         raise RequestError(500, str(exc), kind="server_error") from None
+
+
+async def _disconnected(request: Request) -> None:
+    """Return once the client has gone."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _response(result: Embedded, encoding: str, model: str) -> Response:

@@ -31,6 +31,12 @@ class Metrics:
         self.round_requests = Histogram(
             "e5v_round_requests", "Requests merged into one round", buckets=_SIZE_BUCKETS, registry=self.registry
         )
+        self.round_seconds = Histogram(
+            "e5v_round_duration_seconds",
+            "Seconds the model took for one round (tokenising, forward passes, pooling)",
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
         self.queue_items = Gauge("e5v_queue_items", "Items waiting in the queue", registry=self.registry)
         self.in_flight = Gauge("e5v_requests_in_flight", "Embedding requests being served", registry=self.registry)
         self.latency = Histogram(

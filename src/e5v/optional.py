@@ -33,6 +33,9 @@ FEATURES: dict[str, Feature] = {
         "pip install ./integrations/chroma (from the root of the e5v repository; it brings chromadb)",
     ),
     "serve": Feature("the embedding server (e5v serve, e5v.server)", 'pip install "e5v[serve]"'),
+    "eval": Feature(
+        "the benchmarks' datasets and the MTEB model object (e5v eval, e5v.evaluation)", 'pip install "e5v[eval]"'
+    ),
     "quantization": Feature("quantization='8bit' or '4bit' and --qlora", "pip install bitsandbytes"),
 }
 

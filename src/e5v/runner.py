@@ -38,6 +38,7 @@ __all__ = [
     "forward",
     "image_grid",
     "image_token_count",
+    "last_states",
     "max_image_token_count",
     "process_images",
     "tokenize",
@@ -162,6 +163,12 @@ def tokenize(loaded: LoadedModel, prompts: Sequence[str], pixels: Sequence[Pixel
 
 def forward(loaded: LoadedModel, batch: Sequence[Encoded]) -> torch.Tensor:
     """Embed a batch of encoded prompts: L2-normalised float32 vectors, shape ``(len(batch), d)``."""
+    return torch.nn.functional.normalize(last_states(loaded, batch), dim=-1)
+
+
+def last_states(loaded: LoadedModel, batch: Sequence[Encoded]) -> torch.Tensor:
+    """Each prompt's final hidden state at its last token, float32, not normalised (a sum of
+    two prompts' states, as FashionIQ's evaluation takes, is normalised after summing)."""
     model = loaded.model
     device = loaded.input_device
     lengths = torch.tensor([item.length for item in batch])
@@ -177,8 +184,7 @@ def forward(loaded: LoadedModel, batch: Sequence[Encoded]) -> torch.Tensor:
     embeds = _input_embeds(loaded, batch, input_ids, attention_mask)
     # Right padding under causal attention: real tokens never see a pad (module docstring).
     hidden = model.model.language_model(inputs_embeds=embeds, use_cache=False, return_dict=True).last_hidden_state
-    last = hidden[torch.arange(len(batch), device=hidden.device), (lengths - 1).to(hidden.device)]
-    return torch.nn.functional.normalize(last.float(), dim=-1)
+    return hidden[torch.arange(len(batch), device=hidden.device), (lengths - 1).to(hidden.device)].float()
 
 
 def _input_embeds(

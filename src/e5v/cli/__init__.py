@@ -23,7 +23,17 @@ __all__ = ["main"]
 logger = logging.getLogger(__name__)
 
 #: Modules of ``e5v.cli`` that each define ``register(subparsers)``.
-SUBCOMMANDS: tuple[str, ...] = ("index", "search", "embed", "serve", "train", "bench", "bench_serve", "ray_embed")
+SUBCOMMANDS: tuple[str, ...] = (
+    "index",
+    "search",
+    "embed",
+    "serve",
+    "train",
+    "bench",
+    "bench_serve",
+    "ray_embed",
+    "eval",
+)
 
 
 class Parser(argparse.ArgumentParser):

@@ -42,7 +42,7 @@ from e5v.optional import require
 if TYPE_CHECKING:
     from chromadb.api.models.Collection import Collection
 
-__all__ = ["Hit", "IndexSummary", "Store", "StoreError", "index_files"]
+__all__ = ["Hit", "IndexSummary", "Store", "StoreError", "StoredRecord", "index_files"]
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +80,19 @@ class Hit:
         if self.kind == "text":
             keys += ("passage", "start", "end", "text")
         return {key: getattr(self, key) for key in keys}
+
+
+@dataclass(frozen=True)
+class StoredRecord:
+    """A record as stored: its id, every metadata field, its document (a passage's text),
+    ``score`` (cosine similarity to the query) from :meth:`Store.nearest`, and its
+    ``vector`` from :meth:`Store.get_records` when asked."""
+
+    id: str
+    metadata: dict[str, Any]
+    document: str | None = None
+    score: float | None = None
+    vector: np.ndarray | None = None
 
 
 @dataclass
@@ -411,36 +424,69 @@ class Store:
 
     def query(self, vector: np.ndarray, k: int = 10, kind: str | None = None) -> list[Hit]:
         """The ``k`` records nearest to ``vector`` (of ``kind`` if given), best first."""
+        return [
+            Hit(
+                rank=rank,
+                id=record.id,
+                score=float(record.score or 0.0),
+                kind=str(record.metadata.get("kind")),
+                path=str(record.metadata.get("path")),
+                passage=record.metadata.get("passage"),
+                start=record.metadata.get("start"),
+                end=record.metadata.get("end"),
+                text=record.document,
+            )
+            for rank, record in enumerate(self.nearest(vector, k, kind), 1)
+        ]
+
+    def get_records(self, ids: Sequence[str], *, vectors: bool = False) -> list[StoredRecord]:
+        """The records of ``ids`` that exist, in the order asked, with their vectors if ``vectors``."""
         collection = self._connected()
+        include: list[Any] = ["metadatas", "documents", *(["embeddings"] if vectors else [])]
+        with self._failing("reading records"):
+            got = collection.get(ids=list(ids), include=include)
+        found = {}
+        for number, id_ in enumerate(got["ids"]):
+            vector = np.asarray(got["embeddings"][number], dtype=np.float32) if vectors else None
+            metadata = dict((got["metadatas"] or [])[number] or {})
+            found[id_] = StoredRecord(id_, metadata, (got["documents"] or [])[number], vector=vector)
+        return [found[id_] for id_ in dict.fromkeys(ids) if id_ in found]
+
+    def nearest(
+        self, vector: np.ndarray, k: int = 10, kind: str | None = None, exclude: Iterable[str] = ()
+    ) -> list[StoredRecord]:
+        """The ``k`` records nearest to ``vector`` (of ``kind`` if given, none of ``exclude``),
+        best first, with every metadata field and their scores."""
+        collection = self._connected()
+        left_out = set(exclude)
         with self._failing("searching"):
             count = collection.count()
             if count == 0 or k < 1:
                 return []
             found = collection.query(
                 query_embeddings=vector.reshape(1, -1),
-                n_results=min(k, count),
+                n_results=min(k + len(left_out), count),
                 where={"kind": kind} if kind else None,
                 include=["metadatas", "documents", "distances"],
             )
         space = (collection.configuration_json.get("hnsw") or {}).get("space", "cosine")
-        hits = []
         rows = zip(found["ids"][0], found["distances"][0], found["metadatas"][0], found["documents"][0])
-        for rank, (id_, distance, metadata, document) in enumerate(rows, 1):
-            meta = metadata or {}
-            hits.append(
-                Hit(
-                    rank=rank,
-                    id=id_,
-                    score=round(1.0 - distance / 2 if space == "l2" else 1.0 - distance, 6),
-                    kind=str(meta.get("kind")),
-                    path=str(meta.get("path")),
-                    passage=meta.get("passage"),
-                    start=meta.get("start"),
-                    end=meta.get("end"),
-                    text=document,
-                )
+        records = [
+            StoredRecord(
+                id_, dict(metadata or {}), document, round(1.0 - distance / 2 if space == "l2" else 1.0 - distance, 6)
             )
-        return hits
+            for id_, distance, metadata, document in rows
+            if id_ not in left_out
+        ]
+        return records[:k]
+
+    def kinds(self) -> dict[str, int]:
+        """How many records there are of each ``kind``."""
+        counts: dict[str, int] = {}
+        for _, metadata in self._metadatas():
+            kind = str(metadata.get("kind"))
+            counts[kind] = counts.get(kind, 0) + 1
+        return dict(sorted(counts.items()))
 
 
 def index_files(

@@ -4,6 +4,8 @@ Routes: ``POST /v1/embeddings`` (OpenAI's shape, multimodal items), ``GET /v1/mo
 ``GET /health`` (alive), ``GET /ready`` (503 while the model loads), ``GET /info``,
 ``GET /metrics`` (Prometheus). ``/v1/*`` needs ``Authorization: Bearer KEY`` when keys
 are set. Once the server listens, the model loads on a thread that then runs every round.
+With a collection (``ServerConfig.store``), also the search endpoints and the page of
+:mod:`e5v.server.search`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -32,6 +34,9 @@ from e5v.prompts import PRESETS
 from e5v.scheduler import Embedded, QueueFullError, RoundStats, Scheduler
 from e5v.server.metrics import Metrics
 from e5v.server.schemas import EmbeddingRequest, RequestError, parse_items
+
+if TYPE_CHECKING:
+    from e5v.store import Store
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -51,6 +56,7 @@ class ServerConfig:
     max_queued_items: int = 4096
     allow_remote_images: bool = False
     batching: bool = True
+    store: Store | None = None  # with a collection: the search endpoints and the page at /
 
 
 class _State:
@@ -240,6 +246,20 @@ def create_app(config: ServerConfig) -> FastAPI:
             components["EmbeddingRequest"] = models
             app.openapi_schema = schema
         return app.openapi_schema
+
+    if config.store is not None:
+        from e5v.server.search import add_search
+
+        add_search(
+            app,
+            config.store,
+            authorize=authorize,
+            ready=embedder_or_503,
+            loaded=lambda: state.embedder is not None,
+            read_json=_read_json,
+            payload_limit=config.payload_limit,
+            metrics=metrics,
+        )
 
     app.openapi = openapi  # type: ignore[method-assign]
     return app

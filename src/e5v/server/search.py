@@ -1,0 +1,289 @@
+"""The search endpoints of ``e5v serve --db``, over the collection it serves.
+
+``POST /v1/search``: a text, an image, both (a composed query: the image changed as the
+text says), or a record's stored vector ("more like this", nothing embedded) → ranked
+hits. ``GET /v1/records/{id}/thumbnail``: a JPEG of an image record, made on first
+request and kept. ``GET /v1/collection``: the model, record count and kinds. Files are
+reached only through record ids of the collection, never by a path. Like every
+``/v1/*`` route they need the server's key when it has keys; the page at ``/``
+(:mod:`e5v.server.page`) holds no data and is served to everyone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import logging
+import threading
+from collections.abc import Awaitable, Callable
+from typing import Any, Literal, TypeVar
+from urllib.parse import quote
+
+import numpy as np
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from prometheus_client import Counter
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from e5v.embedder import E5VEmbedder
+from e5v.errors import E5VError, InvalidInputError
+from e5v.inputs import ImageLoader, check_text, composed_request, decode_data_uri, image_request, text_request
+from e5v.inputs import Request as Item
+from e5v.scheduler import QueueFullError, Scheduler
+from e5v.server.metrics import Metrics
+from e5v.server.page import add_page
+from e5v.server.schemas import RequestError
+from e5v.server.thumbnails import ThumbnailError, Thumbnails
+from e5v.store import Store, StoredRecord
+
+__all__ = ["CollectionInfo", "SearchHit", "SearchRequest", "SearchResponse", "add_search"]
+
+logger = logging.getLogger(__name__)
+
+#: The most results a search returns.
+MAX_K = 200
+#: Metadata fields a hit carries as its own fields (the rest go in ``metadata``), and
+#: bookkeeping that is not shown at all.
+_OWN_FIELDS = frozenset({"kind", "path", "passage", "start", "end"})
+_HIDDEN_FIELDS = frozenset({"stamp"})
+
+T = TypeVar("T")
+
+
+class SearchRequest(BaseModel):
+    """A query: ``text``, ``image``, both (composed), or ``like`` alone."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(
+        default=None, description="the query text; with image, how to change the image (a composed query)"
+    )
+    image: str | None = Field(default=None, description="the query image: base64 bytes or a data:image/...;base64, URI")
+    like: str | None = Field(
+        default=None, description="a record id: search by its stored vector, nothing embedded (not with text or image)"
+    )
+    k: int = Field(default=10, ge=1, le=MAX_K, description="how many results")
+    kind: str | None = Field(default=None, description="only records of this kind: 'image', 'text', ...")
+
+
+class SearchHit(BaseModel):
+    """One result: cosine ``score`` to the query, rank from 1; a text passage has its number,
+    character span and text; an image its thumbnail's URL."""
+
+    rank: int
+    id: str
+    score: float
+    kind: str
+    path: str
+    passage: int | None = None
+    start: int | None = None
+    end: int | None = None
+    text: str | None = None
+    thumbnail: str | None = Field(default=None, description="GET this (with the key) for the image's thumbnail")
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="every other metadata field stored with the record (sha256, page, ...)"
+    )
+
+
+class SearchResponse(BaseModel):
+    query: Literal["text", "image", "composed", "like"] = Field(description="what was searched with")
+    hits: list[SearchHit]
+
+
+class CollectionInfo(BaseModel):
+    name: str
+    model: str = Field(description="the model the records were embedded with")
+    revision: str | None = None
+    records: int
+    kinds: dict[str, int] = Field(description="records of each kind")
+    ready: bool = Field(description="whether the model is loaded (text and image queries wait for it)")
+
+
+def add_search(
+    app: FastAPI,
+    store: Store,
+    *,
+    authorize: Callable[[Request], None],
+    ready: Callable[[], tuple[E5VEmbedder, Scheduler]],
+    loaded: Callable[[], bool],
+    read_json: Callable[[Request, int], Awaitable[dict[str, Any]]],
+    payload_limit: int,
+    metrics: Metrics,
+) -> None:
+    """Add the search endpoints over ``store`` and the page to ``app``, reusing its key
+    check (``authorize``), model (``ready``: the embedder and scheduler, else a 503),
+    body reader and metrics."""
+    registry = metrics.registry
+    searches = Counter("e5v_search_requests", "Search requests answered, by HTTP status", ["status"], registry=registry)
+    generated = Counter("e5v_thumbnails_generated", "Thumbnails made from image files", registry=registry)
+    kept = Counter("e5v_thumbnails_cache_hits", "Thumbnails served from memory", registry=registry)
+    thumbnails = Thumbnails(on_generate=generated.inc, on_hit=kept.inc)
+    store_lock = threading.Lock()  # one reader of the Chroma client at a time
+    config = store.config or {}
+    model, revision = str(config.get("model_name")), config.get("revision")
+
+    async def stored(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        def locked() -> T:
+            with store_lock:
+                return call(*args, **kwargs)
+
+        try:
+            return await asyncio.to_thread(locked)
+        except E5VError as exc:
+            raise RequestError(500, str(exc), kind="server_error") from None
+
+    async def record(id_: str) -> StoredRecord:
+        found = await stored(store.get_records, [id_], vectors=True)
+        if not found:
+            raise RequestError(404, f"no record {id_!r} in collection {store.name!r}", param="id")
+        return found[0]
+
+    @app.get("/v1/collection", summary="The served collection: its model, record count and kinds")
+    async def collection(request: Request) -> CollectionInfo:
+        authorize(request)
+        count = await stored(store.count)
+        kinds = await stored(store.kinds)
+        return CollectionInfo(
+            name=store.name, model=model, revision=revision, records=count, kinds=kinds, ready=loaded()
+        )
+
+    @app.post(
+        "/v1/search",
+        summary="Search the collection by text, image, both (composed), or a record's stored vector",
+        response_model=SearchResponse,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {"application/json": {"schema": SearchRequest.model_json_schema()}},
+            }
+        },
+    )
+    async def search(request: Request) -> SearchResponse:
+        status = 200
+        try:
+            return await answer(request)
+        except RequestError as exc:
+            status = exc.status
+            raise
+        finally:
+            searches.labels(str(status)).inc()
+
+    async def answer(request: Request) -> SearchResponse:
+        authorize(request)
+        query = _parsed(await read_json(request, payload_limit))
+        exclude: tuple[str, ...] = ()
+        if query.like is not None:
+            vector = (await record(query.like)).vector
+            assert vector is not None  # asked for
+            what: Literal["text", "image", "composed", "like"] = "like"
+            exclude = (query.like,)
+        else:
+            embedder, scheduler = ready()
+            item = await _item(query, embedder)
+            what = item.kind  # type: ignore[assignment]
+            vector = await _embed(item, embedder, scheduler, metrics)
+        found = await stored(store.nearest, vector, query.k, query.kind, exclude)
+        return SearchResponse(query=what, hits=[_hit(rank, row) for rank, row in enumerate(found, 1)])
+
+    @app.get(
+        "/v1/records/{record_id}/thumbnail",
+        summary="A JPEG thumbnail of an image record (made on first request, then kept)",
+        response_class=Response,
+        responses={
+            200: {"content": {"image/jpeg": {}}},
+            404: {"description": "no such image record, or its file is gone"},
+        },
+    )
+    async def thumbnail(record_id: str, request: Request) -> Response:
+        authorize(request)
+        found = await record(record_id)
+        try:
+            image = await asyncio.to_thread(thumbnails.get, found)
+        except ThumbnailError as exc:
+            raise RequestError(404, str(exc), param="id") from None
+        headers = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
+        return Response(image, media_type="image/jpeg", headers=headers)
+
+    add_page(app)
+
+
+def _parsed(body: dict[str, Any]) -> SearchRequest:
+    """The body as a :class:`SearchRequest`, or a 400 naming the field that is wrong."""
+    try:
+        query = SearchRequest.model_validate(body)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "body"
+        raise RequestError(400, f"{field}: {first['msg']}; see /docs for the search request", param=field) from None
+    text = query.text if query.text is not None and query.text.strip() else None
+    if query.like is not None:
+        if text is not None or query.image is not None:
+            raise RequestError(400, "like searches by a stored record alone; leave out text and image", param="like")
+        return query
+    if text is None and query.image is None:
+        raise RequestError(400, "the query is empty: give a text, an image, both, or like (a record id)", param="text")
+    return query.model_copy(update={"text": text})
+
+
+async def _item(query: SearchRequest, embedder: E5VEmbedder) -> Item:
+    """The query as one request to embed; a bad image is refused here, before it is queued."""
+    try:
+        text = None if query.text is None else check_text(query.text, 0)
+    except InvalidInputError as exc:
+        raise RequestError(400, f"text: {exc.reason}", param="text") from None
+    if query.image is None:
+        return text_request(text, 0)
+    try:
+        image = _image_bytes(query.image)
+        await asyncio.to_thread(ImageLoader(max_image_pixels=embedder.max_image_pixels).load, image, 0)
+    except InvalidInputError as exc:
+        raise RequestError(400, f"image: {exc.reason}", param="image") from None
+    return image_request(image, 0) if text is None else composed_request(image, text, 0)
+
+
+def _image_bytes(value: str) -> bytes:
+    """The bytes of a base64 image, plain or as a data URI."""
+    if value[:5].lower() == "data:":
+        return decode_data_uri(value, 0)
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidInputError(
+            f"it is not base64 ({exc}); send the file's bytes base64-encoded, or as a data:image/...;base64, URI"
+        ) from None
+
+
+async def _embed(item: Item, embedder: E5VEmbedder, scheduler: Scheduler, metrics: Metrics) -> np.ndarray:
+    """The query's vector, embedded by the server's scheduler with the collection's prompts."""
+    try:
+        future = scheduler.submit([item], embedder.prompt_bodies())
+    except QueueFullError as exc:
+        raise RequestError(429, str(exc), kind="rate_limit_error") from None
+    try:
+        result = await asyncio.wrap_future(future)
+    except InvalidInputError as exc:
+        raise RequestError(400, exc.reason) from None
+    except E5VError as exc:
+        raise RequestError(500, str(exc), kind="server_error") from None
+    metrics.items.labels(item.kind).inc()
+    metrics.tokens.inc(sum(result.tokens))
+    return result.vectors[0]
+
+
+def _hit(rank: int, row: StoredRecord) -> SearchHit:
+    meta = row.metadata
+    kind = str(meta.get("kind"))
+    return SearchHit(
+        rank=rank,
+        id=row.id,
+        score=float(row.score or 0.0),
+        kind=kind,
+        path=str(meta.get("path")),
+        passage=meta.get("passage"),
+        start=meta.get("start"),
+        end=meta.get("end"),
+        text=row.document,
+        thumbnail=f"/v1/records/{quote(row.id, safe='')}/thumbnail" if kind == "image" else None,
+        metadata={key: value for key, value in meta.items() if key not in _OWN_FIELDS | _HIDDEN_FIELDS},
+    )

@@ -1,0 +1,128 @@
+"""Thumbnails of image records: downscaled JPEGs made on first request and kept in memory.
+
+A thumbnail is made only from the bytes that were indexed: the record's file must still
+be a regular file whose sha256 is the record's. Thumbnails are kept, least recently used
+dropped first, up to a byte budget, and remade when the file's size, mtime or ctime change.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import stat
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+
+from e5v.errors import E5VError, InvalidInputError
+from e5v.indexing import printable_path, sha256_bytes
+from e5v.indexing import stamp as file_stamp
+from e5v.inputs import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
+from e5v.store import StoredRecord
+
+__all__ = ["ThumbnailError", "Thumbnails"]
+
+logger = logging.getLogger(__name__)
+
+#: The longest side of a thumbnail, in pixels (sharp at twice a 200-pixel card).
+THUMBNAIL_SIZE = 400
+#: JPEG quality of thumbnails.
+JPEG_QUALITY = 85
+#: Bytes of thumbnails kept in memory.
+CACHE_BYTES = 64 * 1024 * 1024
+
+
+class ThumbnailError(E5VError):
+    """A record has no thumbnail to give: not an image, its file gone, changed or unreadable."""
+
+
+class Thumbnails:
+    """JPEG thumbnails of image records, made once per file version; ``on_generate`` is
+    called each time one is made, ``on_hit`` each time one is served from memory."""
+
+    def __init__(
+        self,
+        *,
+        size: int = THUMBNAIL_SIZE,
+        max_bytes: int = CACHE_BYTES,
+        max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+        on_generate: Callable[[], None] = lambda: None,
+        on_hit: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.size, self.max_bytes = size, max_bytes
+        self._loader = ImageLoader(max_image_pixels=max_image_pixels)
+        self._on_generate, self._on_hit = on_generate, on_hit
+        self._kept: OrderedDict[tuple[str, str, str], bytes] = OrderedDict()
+        self._kept_bytes = 0
+        self._lock = threading.Lock()
+        self._making: dict[tuple[str, str, str], threading.Lock] = {}
+
+    def get(self, record: StoredRecord) -> bytes:
+        """The record's thumbnail (JPEG bytes), or :class:`ThumbnailError` saying why there is none."""
+        kind, path = record.metadata.get("kind"), str(record.metadata.get("path"))
+        if kind != "image":
+            raise ThumbnailError(f"record {record.id!r} is a {kind} record; only image records have thumbnails")
+        try:
+            info = os.stat(path)
+        except OSError:
+            raise ThumbnailError(
+                f"the file of record {record.id!r} ({printable_path(path)}) is gone; run `e5v index --prune` to "
+                "drop its records"
+            ) from None
+        key = (record.id, str(record.metadata.get("sha256")), file_stamp(info))
+        with self._lock:
+            making = self._making.setdefault(key, threading.Lock())
+        with making:  # one request makes a thumbnail; the others wait for it
+            with self._lock:
+                kept = self._kept.get(key)
+                if kept is not None:
+                    self._kept.move_to_end(key)
+            if kept is not None:
+                self._on_hit()
+                return kept
+            try:
+                thumbnail = self._make(record.id, path, key[1])
+                self._keep(key, thumbnail)
+            finally:
+                with self._lock:
+                    self._making.pop(key, None)
+        return thumbnail
+
+    def _make(self, id_: str, path: str, sha256: str) -> bytes:
+        shown = printable_path(path)
+        try:
+            # non-blocking, so that a FIFO put in the file's place cannot hang the open
+            with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
+                info = os.fstat(handle.fileno())
+                if not stat.S_ISREG(info.st_mode):
+                    raise ThumbnailError(f"the file of record {id_!r} ({shown}) is no longer a regular file")
+                data = handle.read(info.st_size)
+        except OSError as exc:
+            raise ThumbnailError(f"cannot read the file of record {id_!r} ({shown}): {exc.strerror or exc}") from None
+        if sha256_bytes(data) != sha256:
+            raise ThumbnailError(
+                f"the file of record {id_!r} ({shown}) has changed since it was indexed; run `e5v index` again"
+            )
+        try:
+            image = self._loader.load(data, 0)
+        except InvalidInputError as exc:
+            raise ThumbnailError(
+                f"the file of record {id_!r} ({shown}) is not a readable image: {exc.reason}"
+            ) from None
+        image.thumbnail((self.size, self.size))
+        buffer = io.BytesIO()
+        image.save(buffer, format="JPEG", quality=JPEG_QUALITY)
+        self._on_generate()
+        logger.debug("made a %dx%d thumbnail of %s", *image.size, shown)
+        return buffer.getvalue()
+
+    def _keep(self, key: tuple[str, str, str], thumbnail: bytes) -> None:
+        with self._lock:
+            if key in self._kept:
+                return
+            self._kept[key] = thumbnail
+            self._kept_bytes += len(thumbnail)
+            while self._kept_bytes > self.max_bytes and len(self._kept) > 1:
+                _, dropped = self._kept.popitem(last=False)
+                self._kept_bytes -= len(dropped)

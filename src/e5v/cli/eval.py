@@ -128,8 +128,13 @@ def _check_targets(args: argparse.Namespace) -> bool:
         missing = [name for name, value in own.items() if value is None]
         if missing:
             raise ConfigurationError(f"`e5v eval retrieval` needs {', '.join(missing)}")
-        benchmark = {"--data-dir": args.data_dir, "--limit": args.limit, "--font": args.font}
-        given = [name for name, value in {**benchmark, "--submission": args.submission}.items() if value is not None]
+        benchmark = {
+            "--data-dir": args.data_dir,
+            "--limit": args.limit,
+            "--font": args.font,
+            "--submission": args.submission,
+        }
+        given = [name for name, value in benchmark.items() if value is not None]
         if given:
             raise ConfigurationError(f"{given[0]} is for the benchmarks, not `e5v eval retrieval`")
         return True

@@ -563,7 +563,11 @@ def test_an_unreachable_hub_is_one_fast_line(tmp_path: Path) -> None:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
     env.update(HF_HOME=str(tmp_path / "hf"), HF_ENDPOINT=f"http://127.0.0.1:{port}", XDG_CACHE_HOME=str(tmp_path))
     command = [sys.executable, "-m", "e5v", "eval", "cirr", "--model", "never-loaded"]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)

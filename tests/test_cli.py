@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 from e5v.cli import main
+from e5v.pdf import open_pdf
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 EXAMPLE_FILES = [
@@ -27,6 +28,7 @@ EXAMPLE_FILES = [
     "chelsea.png",
     "coffee.jpg",
     "horse.png",
+    "hubble-deep-field.pdf",
     "notes/cats.md",
     "notes/espresso.txt",
     "notes/horses.txt",
@@ -69,14 +71,19 @@ def test_index_reports_the_corrupt_file_and_indexes_the_rest(indexed, tiny_path:
     records = stored(db)
     passages = sum(1 for m in records["metadatas"] if m["kind"] == "text")
     assert result.stdout.strip() == (
-        f"indexed 9 files ({len(records['ids'])} records), skipped 0 unchanged, failed 1, pruned 0"
+        f"indexed 10 files ({len(records['ids'])} records), skipped 0 unchanged, failed 1, pruned 0"
     )
     assert sorted({m["path"] for m in records["metadatas"]}) == [str(corpus / name) for name in EXAMPLE_FILES]
-    assert passages == len(records["ids"]) - 5 > 4  # space-flight.md is split
+    assert passages == len(records["ids"]) - 7 > 4  # 5 photos and 2 PDF pages; space-flight.md is split
     for metadata, document in zip(records["metadatas"], records["documents"]):
         content = Path(metadata["path"]).read_bytes()
         assert metadata["sha256"] == hashlib.sha256(content).hexdigest()
-        if metadata["kind"] == "text":
+        if "page" in metadata:  # hubble-deep-field.pdf: a text page, then a photo with a caption
+            assert (metadata["kind"], metadata["page"]) in {("image", 1), ("image", 2), ("text", 1), ("text", 2)}
+            if metadata["kind"] == "text":
+                with open_pdf(metadata["path"]) as pdf:
+                    assert document == pdf.text(metadata["page"])[metadata["start"] : metadata["end"]]
+        elif metadata["kind"] == "text":
             assert document == content.decode()[metadata["start"] : metadata["end"]]
             assert len(document) <= 800
         else:

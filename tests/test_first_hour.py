@@ -80,7 +80,7 @@ def test_no_hub_fails_at_once_leaves_nothing_and_the_retry_works(tmp_path: Path,
 
     retry = e5v("index", EXAMPLES, "--db", db, "--model", tiny_path, env=no_hub)
     assert retry.returncode == 0, retry.stderr
-    assert retry.stdout.startswith("indexed 9 files")
+    assert retry.stdout.startswith("indexed 10 files")
 
 
 def test_an_empty_collection_of_another_model_does_not_block(tmp_path: Path, tiny_path: Path) -> None:
@@ -204,12 +204,12 @@ def test_a_missing_package_names_what_to_install() -> None:
 def test_unsupported_files_are_counted_and_named(tmp_path: Path, tiny_path: Path, capsys) -> None:
     folder = tmp_path / "docs"
     folder.mkdir()
-    (folder / "report.pdf").write_bytes(b"%PDF-1.4")
-    (folder / ".hidden.pdf").write_bytes(b"%PDF-1.4")
+    (folder / "report.docx").write_bytes(b"PK")
+    (folder / ".hidden.docx").write_bytes(b"PK")
     assert main(["index", str(folder), "--db", str(tmp_path / "db"), "--model", str(tiny_path)]) == 0
     summary = capsys.readouterr().out.splitlines()
     assert summary[0] == "indexed 0 files (0 records), skipped 0 unchanged, failed 0, ignored 1 unsupported, pruned 0"
-    assert summary[1].startswith(f"unsupported, not indexed: {folder / 'report.pdf'} (e5v indexes .bmp")
+    assert summary[1].startswith(f"unsupported, not indexed: {folder / 'report.docx'} (e5v indexes .bmp")
     assert not (tmp_path / "db").exists()  # nothing to embed: nothing created
 
 
@@ -295,8 +295,9 @@ def test_one_progress_display_on_a_terminal_none_elsewhere(tmp_path: Path, tiny_
     )
     assert status == 0, output
     shown = rendered(output)
-    assert [line for line in shown if line.startswith("Embedding: 100%")] == [shown[-2]]  # once, then the summary
-    assert shown[-1].startswith("indexed 9 files")
+    assert [line for line in shown if line.startswith("Embedding: 100%")] == [shown[-3]]  # once, then the PDF's
+    assert [line for line in shown if line.startswith("PDF pages: 100%")] == [shown[-2]]  # once, then the summary
+    assert shown[-1].startswith("indexed 10 files")
     assert "Loading weights" not in output and "Writing" not in output and "Warning" not in output
 
     quiet_status, quiet = run_in_terminal(
@@ -367,5 +368,5 @@ def test_the_readmes_offline_trial_runs_as_written(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""
     indexed, header, *rows = result.stdout.splitlines()
-    assert indexed.startswith("indexed 9 files") and header.split() == ["rank", "score", "kind", "path", "passage"]
-    assert indexed.startswith("indexed 9 files (10 records)") and len(rows) == 10  # -k 10 by default: them all
+    assert indexed.startswith("indexed 10 files") and header.split() == ["rank", "score", "kind", "path", "passage"]
+    assert indexed.startswith("indexed 10 files (14 records)") and len(rows) == 10  # -k 10 by default, of 14

@@ -97,20 +97,22 @@ def test_passages_cover_the_text_in_order(text: str, max_chars: int) -> None:
 
 
 def test_walk_finds_supported_files_recursively(tmp_path: Path) -> None:
-    for name in ["b.png", "a.md", "sub/c.JPG", "sub/deep/d.txt", "sub/e.pdf", ".hidden.png", ".git/f.md"]:
+    names = ["b.png", "a.md", "sub/c.JPG", "sub/deep/d.txt", "sub/e.docx", "sub/f.PDF", ".hidden.png", ".git/f.md"]
+    for name in names:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_bytes(b"x")
     files, skipped, ignored = walk([tmp_path, tmp_path / "a.md"])  # a.md named twice: listed once
-    assert files == sorted(tmp_path.resolve() / name for name in ["a.md", "b.png", "sub/c.JPG", "sub/deep/d.txt"])
+    wanted = ["a.md", "b.png", "sub/c.JPG", "sub/deep/d.txt", "sub/f.PDF"]
+    assert files == sorted(tmp_path.resolve() / name for name in wanted)
     assert skipped == []
-    assert ignored == [tmp_path / "sub" / "e.pdf"]  # hidden files are not even counted
+    assert ignored == [tmp_path / "sub" / "e.docx"]  # hidden files are not even counted
 
 
 def test_walk_reports_missing_and_unsupported_paths(tmp_path: Path) -> None:
-    (tmp_path / "doc.pdf").write_bytes(b"%PDF")
-    files, skipped, ignored = walk([tmp_path / "doc.pdf", tmp_path / "missing"])
+    (tmp_path / "doc.docx").write_bytes(b"PK")
+    files, skipped, ignored = walk([tmp_path / "doc.docx", tmp_path / "missing"])
     assert files == [] and ignored == []
-    assert [s.path for s in skipped] == [str(tmp_path / "doc.pdf"), str(tmp_path / "missing")]
+    assert [s.path for s in skipped] == [str(tmp_path / "doc.docx"), str(tmp_path / "missing")]
     assert "unsupported file type" in skipped[0].reason
     assert "no such file or folder" in skipped[1].reason
 

@@ -214,7 +214,7 @@ def test_thumbnails_only_of_indexed_image_files(server: str, store, corpus: Path
 
     assert "no record 'nope' in collection" in error(thumbnail("nope"), 404)
     note = by_path(store, "espresso.txt", passage=0)
-    assert "is a text record; only image records have thumbnails" in error(thumbnail(note), 404)
+    assert "is a text record; only image records and PDF pages have thumbnails" in error(thumbnail(note), 404)
     (corpus / "gone.png").unlink()
     assert "gone.png) is gone" in error(thumbnail(by_path(store, "gone.png")), 404)
     photos["coffee"].save(corpus / "changed.png")
@@ -280,3 +280,33 @@ def test_serve_db_refuses_what_it_cannot_serve(db: Path, tmp_path: Path) -> None
         assert done.returncode == 2, (options, done.stderr)
         lines = done.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("e5v serve: error:") and expected in lines[0], done.stderr
+
+
+# -- PDF pages ---------------------------------------------------------------------------
+
+
+def test_a_pdf_pages_thumbnail_is_its_rendering(tmp_path: Path, tiny_path: Path) -> None:
+    """A page's image and interleaved records get the page drawn, made once; its text record none."""
+    pytest.importorskip("pypdfium2")
+    from e5v.server.thumbnails import ThumbnailError, Thumbnails
+    from e5v.store import Store
+
+    (tmp_path / "docs").mkdir()
+    shutil.copy(EXAMPLES / "hubble-deep-field.pdf", tmp_path / "docs")
+    db = tmp_path / "db"
+    done = e5v("index", tmp_path / "docs", "--model", tiny_path, "--db", db, "--pdf-records", "image,text,interleaved")
+    assert done.returncode == 0, done.stderr
+    store = Store(db)
+    records = store.get_records([id_ for id_, _ in store._metadatas()])
+    made: list[int] = []
+    thumbnails = Thumbnails(on_generate=lambda: made.append(1))
+    drawn = [record for record in records if record.metadata["kind"] in ("image", "interleaved")]
+    assert drawn and all(record.metadata.get("page") for record in drawn)
+    for record in drawn:
+        with Image.open(io.BytesIO(thumbnails.get(record))) as image:
+            assert image.format == "JPEG" and max(image.size) <= thumbnails.size and image.getextrema() != ((0, 0),) * 3
+    thumbnails.get(drawn[0])
+    assert len(made) == len(drawn)  # the second request of a page came from memory
+    text = next(record for record in records if record.metadata["kind"] == "text")
+    with pytest.raises(ThumbnailError, match="only image records and PDF pages have thumbnails"):
+        thumbnails.get(text)

@@ -1,7 +1,8 @@
 """Files to index: walking folders, splitting texts into passages, hashing, building records.
 
 Images (``.jpg .jpeg .png .webp .gif .bmp .tif .tiff``) become one record each; texts
-(``.txt .md``, UTF-8) become one record per passage. Passages are contiguous,
+(``.txt .md``, UTF-8) become one record per passage; PDFs (``.pdf``) are read page by
+page when they are embedded (:mod:`e5v.pdf`). Passages are contiguous,
 non-overlapping spans of at most ``max_chars`` characters, cut at paragraph breaks
 (blank lines) where the paragraphs fit, else at sentence ends, else at whitespace, and
 only as a last resort inside a word. Whitespace between passages belongs to none.
@@ -17,10 +18,10 @@ import logging
 import os
 import re
 import stat
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import IO, Any, Literal, NamedTuple
 
 from e5v.errors import InvalidInputError
 from e5v.inputs import ImageLoader
@@ -28,14 +29,18 @@ from e5v.inputs import ImageLoader
 __all__ = [
     "DEFAULT_MAX_CHARS",
     "IMAGE_SUFFIXES",
+    "PDF_SUFFIXES",
+    "SUPPORTED_SUFFIXES",
     "TEXT_SUFFIXES",
     "FileRecords",
     "Passage",
+    "PdfFile",
     "Record",
     "SkippedPath",
     "Stored",
     "Unchanged",
     "load_file",
+    "open_regular",
     "printable_path",
     "record_id",
     "sha256_bytes",
@@ -49,10 +54,15 @@ logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"})
 TEXT_SUFFIXES = frozenset({".txt", ".md"})
+PDF_SUFFIXES = frozenset({".pdf"})
+SUPPORTED_SUFFIXES = IMAGE_SUFFIXES | TEXT_SUFFIXES | PDF_SUFFIXES
 #: Default passage size in characters (about 200 tokens of English).
 DEFAULT_MAX_CHARS = 800
 
-Kind = Literal["image", "text"]
+Kind = Literal["image", "text", "interleaved"]
+FileKind = Literal["image", "text", "pdf"]
+#: Bytes read at a time to hash a PDF (it is not kept: its pages are read when embedded).
+HASH_BLOCK = 1 << 20
 
 _PARAGRAPH_BREAK = re.compile(r"\n[ \t\r\f\v]*\n\s*")
 _CLOSERS = "\"')]\u00bb\u201d\u2019"  # quotes and brackets that may follow a sentence's end
@@ -72,11 +82,15 @@ class Passage:
 
 @dataclass(frozen=True)
 class Record:
-    """One vector to store: an image file, or one passage of a text file.
+    """One vector to store: an image file, one passage of a text file, or one of a PDF
+    page's records (``page`` set: its rendering, a passage of its text, or both in one
+    interleaved vector, whose ``text`` is the page's).
 
-    A file's first record (its image, or passage 0) is its marker: it alone carries the
-    file's ``stamp``, and it is written after the file's other records, so a stored
-    marker with the file's sha256 means every record of that content is stored.
+    A file's marker record alone carries the file's ``stamp``, and it is written after
+    the file's other records, so a stored marker with the file's sha256 means every
+    record of that content is stored. An image's marker is its record, a text's its
+    passage 0; a PDF's is the one record given a stamp (and ``pdf_records``, the kinds
+    its pages were stored as), stored with ``marker`` true, the others with it false.
     """
 
     id: str
@@ -85,22 +99,31 @@ class Record:
     sha256: str
     passage: Passage | None = None
     stamp: str | None = None
+    page: int | None = None
+    text: str | None = None
+    pdf_records: str | None = None
 
     @property
     def is_marker(self) -> bool:
+        if self.page is not None:
+            return self.stamp is not None
         return self.passage is None or self.passage.number == 0
 
     @property
     def document(self) -> str | None:
-        return None if self.passage is None else self.passage.text
+        return self.text if self.passage is None else self.passage.text
 
     @property
     def metadata(self) -> dict[str, Any]:
         meta: dict[str, Any] = {"path": self.path, "kind": self.kind, "sha256": self.sha256}
+        if self.page is not None:
+            meta.update(page=self.page, marker=self.is_marker)
         if self.passage is not None:
             meta.update(passage=self.passage.number, start=self.passage.start, end=self.passage.end)
         if self.is_marker and self.stamp is not None:
             meta["stamp"] = self.stamp
+        if self.is_marker and self.pdf_records is not None:
+            meta["pdf_records"] = self.pdf_records
         return meta
 
 
@@ -115,6 +138,17 @@ class FileRecords:
 
 
 @dataclass(frozen=True)
+class PdfFile:
+    """A readable PDF of ``pages`` pages, hashed; its records are made page by page
+    when it is embedded (:func:`e5v.pdf.read_pages`)."""
+
+    path: str
+    sha256: str
+    stamp: str
+    pages: int
+
+
+@dataclass(frozen=True)
 class SkippedPath:
     """A path that cannot be indexed, and why."""
 
@@ -124,11 +158,13 @@ class SkippedPath:
 
 @dataclass(frozen=True)
 class Stored:
-    """What a store holds of a file: its marker record's id, sha256 and stamp (if any)."""
+    """What a store holds of a file: its marker record's id, sha256 and stamp (if any),
+    and for a PDF the kinds of records its pages were stored as (``"image,text"``)."""
 
     id: str
     sha256: str
     stamp: str | None = None
+    pdf_records: str | None = None
 
 
 @dataclass(frozen=True)
@@ -246,7 +282,7 @@ def walk(paths: Iterable[str | Path], *, follow_links: bool = False) -> Walked:
         elif not os.path.lexists(path):
             skipped.append(SkippedPath(str(path), f"no such file or folder (from {os.getcwd()!r})"))
         elif _kind(path) is None:
-            supported = ", ".join(sorted(IMAGE_SUFFIXES | TEXT_SUFFIXES))
+            supported = ", ".join(sorted(SUPPORTED_SUFFIXES))
             skipped.append(SkippedPath(str(path), f"unsupported file type; e5v indexes {supported}"))
         else:
             add(_regular_file(Path(os.path.realpath(path.parent), path.name), None))
@@ -310,12 +346,14 @@ def stamp(info: os.stat_result) -> str:
     return f"{info.st_size}:{info.st_mtime_ns}:{info.st_ctime_ns}"
 
 
-def _kind(path: Path) -> Kind | None:
+def _kind(path: Path) -> FileKind | None:
     suffix = path.suffix.lower()
     if suffix in IMAGE_SUFFIXES:
         return "image"
     if suffix in TEXT_SUFFIXES:
         return "text"
+    if suffix in PDF_SUFFIXES:
+        return "pdf"
     return None
 
 
@@ -323,10 +361,26 @@ def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def record_id(path: str, passage: int | None = None) -> str:
-    """A stable id from the file's absolute path and passage number."""
-    key = path if passage is None else f"{path}\0{passage}"
+def record_id(path: str, part: int | str | None = None) -> str:
+    """A stable id from the file's absolute path and the part of it: a passage number,
+    or for a PDF page's rendering ``"page 3 image"`` (``"page 3 interleaved"``)."""
+    key = path if part is None else f"{path}\0{part}"
     return hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:32]
+
+
+def open_regular(path: Path) -> IO[bytes]:
+    """``path`` opened for reading, without blocking (a FIFO put in a file's place cannot
+    hang the open); :class:`~e5v.errors.InvalidInputError` unless it is a regular file
+    that can be read."""
+    try:
+        handle = os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb")
+    except OSError as exc:
+        raise InvalidInputError(f"cannot read: {exc.strerror or exc}") from None
+    mode = os.fstat(handle.fileno()).st_mode
+    if not stat.S_ISREG(mode):
+        handle.close()
+        raise InvalidInputError(f"{_file_type(mode)}, not a regular file; e5v reads only regular files")
+    return handle
 
 
 def load_file(
@@ -335,31 +389,35 @@ def load_file(
     max_chars: int = DEFAULT_MAX_CHARS,
     known: Mapping[str, Stored] | None = None,
     images: ImageLoader | None = None,
-) -> FileRecords | SkippedPath | Unchanged:
+    pdf_records: Sequence[str] | None = None,
+) -> FileRecords | PdfFile | SkippedPath | Unchanged:
     """Read, hash and check one file of :func:`walk`.
 
     Returns :class:`Unchanged` when ``known`` (path -> what is stored) has the file's
-    stamp, or its sha256; a :class:`SkippedPath` when it is not a regular file or cannot
-    be read or decoded; else its records. Images are decoded in full to check them, then
-    dropped: they are embedded from the path.
+    stamp, or its sha256 (for a PDF, stored as the same ``pdf_records``, the kinds of
+    :mod:`e5v.pdf`); a :class:`SkippedPath` when it is not a regular file or cannot be
+    read or decoded; else its records, or for a PDF a :class:`PdfFile` (opened to count
+    its pages, then closed). Images are decoded in full to check them, then dropped:
+    they are embedded from the path.
     """
     name = str(path)
     kind = _kind(path)
     if kind is None:
         return SkippedPath(name, "unsupported file type")
     stored = None if known is None else known.get(name)
+    if kind == "pdf" and stored is not None and stored.pdf_records != _pdf_option(pdf_records):
+        stored = None  # its pages were stored as other kinds of records: index it again
     try:
-        # non-blocking, so that a FIFO put in a file's place cannot hang the open
-        with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
+        with open_regular(path) as handle:
             info = os.fstat(handle.fileno())
-            if not stat.S_ISREG(info.st_mode):
-                return SkippedPath(
-                    name, f"{_file_type(info.st_mode)}, not a regular file; e5v reads only regular files"
-                )
             now = stamp(info)
             if stored is not None and stored.stamp == now:
                 return Unchanged(name)
+            if kind == "pdf":
+                return _load_pdf(handle, name, now, stored)
             data = handle.read(info.st_size)
+    except InvalidInputError as exc:
+        return SkippedPath(name, exc.reason)
     except OSError as exc:
         return SkippedPath(name, f"cannot read: {exc.strerror or exc}")
     digest = sha256_bytes(data)
@@ -380,3 +438,32 @@ def load_file(
         for passage in split_passages(text, max_chars)
     )
     return FileRecords(name, kind, digest, records)
+
+
+def _pdf_option(kinds: Sequence[str] | None) -> str:
+    """How the kinds of a PDF's records are stored on its marker: ``"image,text"``."""
+    from e5v.pdf import DEFAULT_RECORD_KINDS
+
+    return ",".join(DEFAULT_RECORD_KINDS if kinds is None else kinds)
+
+
+def _load_pdf(handle: IO[bytes], name: str, now: str, stored: Stored | None) -> PdfFile | SkippedPath | Unchanged:
+    """Hash an open PDF block by block, then count its pages (refusing what PDFium cannot open)."""
+    from e5v.errors import MissingDependencyError
+    from e5v.pdf import open_pdf
+
+    digest, size = hashlib.sha256(), 0
+    for block in iter(lambda: handle.read(HASH_BLOCK), b""):
+        digest.update(block)
+        size += len(block)
+    if stored is not None and stored.sha256 == digest.hexdigest():
+        return Unchanged(name, now)
+    if size == 0:
+        return SkippedPath(name, "an empty file (0 bytes), not a PDF")
+    handle.seek(0)
+    try:
+        with open_pdf(handle) as pdf:
+            pages = len(pdf)
+    except (InvalidInputError, MissingDependencyError) as exc:
+        return SkippedPath(name, getattr(exc, "reason", str(exc)))
+    return PdfFile(name, digest.hexdigest(), now, pages)

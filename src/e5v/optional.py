@@ -33,6 +33,7 @@ FEATURES: dict[str, Feature] = {
         "pip install ./integrations/chroma (from the root of the e5v repository; it brings chromadb)",
     ),
     "serve": Feature("the embedding server (e5v serve, e5v.server)", 'pip install "e5v[serve]"'),
+    "pdf": Feature("reading PDFs (e5v index, e5v.pdf)", 'pip install "e5v[pdf]"'),
     "eval": Feature(
         "the benchmarks' datasets and the MTEB model object (e5v eval, e5v.evaluation)", 'pip install "e5v[eval]"'
     ),

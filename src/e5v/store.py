@@ -5,7 +5,9 @@ name, revision, dtype and prompts are persisted in its configuration; records ar
 embedded here (batches and progress under our control) and written with
 ``embeddings=``. Metadata: ``path`` (absolute), ``kind`` (``image``/``text``),
 ``sha256`` (of the file), and ``passage``, ``start``, ``end`` for text passages, whose
-text is the record's document. Needs ``chromadb`` and ``chromadb-e5v``.
+text is the record's document. A PDF's records (kinds ``image``, ``text`` and
+``interleaved``, see :mod:`e5v.pdf`) have the PDF's ``path`` and their ``page`` (from 1);
+an interleaved record's document is its page's text. Needs ``chromadb`` and ``chromadb-e5v``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -25,9 +27,9 @@ from e5v.defaults import DEFAULT_MODEL
 from e5v.errors import E5VError, InvalidInputError
 from e5v.indexing import (
     DEFAULT_MAX_CHARS,
-    IMAGE_SUFFIXES,
-    TEXT_SUFFIXES,
+    SUPPORTED_SUFFIXES,
     FileRecords,
+    PdfFile,
     Record,
     SkippedPath,
     Stored,
@@ -42,12 +44,16 @@ from e5v.optional import require
 if TYPE_CHECKING:
     from chromadb.api.models.Collection import Collection
 
+    from e5v.pdf import PageRecords
+
 __all__ = ["Hit", "IndexSummary", "Store", "StoreError", "StoredRecord", "index_files"]
 
 logger = logging.getLogger(__name__)
 
 #: Records embedded (and written) together: this many forward batches' worth.
 BATCHES_PER_WRITE = 4
+#: PDF pages rendered, embedded and written together (16 renderings: at most 21 MB).
+PDF_PAGES_PER_WRITE = 16
 #: Unsupported files named in the summary line (the rest are counted).
 IGNORED_NAMES_SHOWN = 5
 #: Seconds to wait for another e5v process creating the same database or collection.
@@ -63,7 +69,8 @@ class StoreError(E5VError):
 
 @dataclass(frozen=True)
 class Hit:
-    """One search result; ``score`` is the cosine similarity to the query."""
+    """One search result; ``score`` is the cosine similarity to the query; ``page`` (from
+    1) is set for a PDF's records."""
 
     rank: int
     id: str
@@ -74,11 +81,16 @@ class Hit:
     start: int | None = None
     end: int | None = None
     text: str | None = None
+    page: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        keys = ("rank", "id", "score", "kind", "path")
+        keys: tuple[str, ...] = ("rank", "id", "score", "kind", "path")
+        if self.page is not None:
+            keys += ("page",)
         if self.kind == "text":
             keys += ("passage", "start", "end", "text")
+        elif self.kind == "interleaved":
+            keys += ("text",)
         return {key: getattr(self, key) for key in keys}
 
 
@@ -98,7 +110,8 @@ class StoredRecord:
 @dataclass
 class IndexSummary:
     """Counts of files: indexed (and their records), unchanged, empty, failed, pruned, and
-    the files of unsupported types that were left out."""
+    the files of unsupported types that were left out; ``pages_failed``: pages of indexed
+    PDFs left out (the rest of each is stored)."""
 
     indexed: int = 0
     records: int = 0
@@ -107,6 +120,7 @@ class IndexSummary:
     pruned: int = 0
     failed: list[SkippedPath] = field(default_factory=list)
     ignored: list[Path] = field(default_factory=list)
+    pages_failed: list[SkippedPath] = field(default_factory=list)
 
     def line(self) -> str:
         parts = [
@@ -114,6 +128,8 @@ class IndexSummary:
             f"skipped {self.unchanged} unchanged",
             f"failed {len(self.failed)}",
         ]
+        if self.pages_failed:
+            parts.append(f"pages left out {len(self.pages_failed)}")
         if self.empty:
             parts.append(f"empty {self.empty}")
         if self.ignored:
@@ -127,7 +143,7 @@ class IndexSummary:
             return [self.line()]
         shown = ", ".join(printable_path(path) for path in self.ignored[:IGNORED_NAMES_SHOWN])
         more = len(self.ignored) - IGNORED_NAMES_SHOWN
-        supported = " ".join(sorted(IMAGE_SUFFIXES | TEXT_SUFFIXES))
+        supported = " ".join(sorted(SUPPORTED_SUFFIXES))
         return [
             self.line(),
             f"unsupported, not indexed: {shown}{f' and {more} more' if more > 0 else ''} (e5v indexes {supported})",
@@ -351,11 +367,17 @@ class Store:
         return self.collection
 
     def stored(self) -> dict[str, Stored]:
-        """``path -> what is stored of it``, from each file's marker record."""
+        """``path -> what is stored of it``, from each file's marker record.
+
+        A PDF's records other than its marker have ``marker`` false, and are left out
+        by ``$ne``, which matches the records without the key (Chroma >= 0.5.12)."""
         found: dict[str, Stored] = {}
-        for id_, metadata in self._metadatas(where={"$or": [{"kind": "image"}, {"passage": 0}]}):
-            stamp = metadata.get("stamp")
-            found[str(metadata.get("path"))] = Stored(id_, str(metadata.get("sha256")), stamp and str(stamp))
+        markers = {"$or": [{"kind": "image"}, {"passage": 0}, {"marker": True}]}
+        for id_, metadata in self._metadatas(where={"$and": [{"marker": {"$ne": False}}, markers]}):
+            stamp, kinds = metadata.get("stamp"), metadata.get("pdf_records")
+            found[str(metadata.get("path"))] = Stored(
+                id_, str(metadata.get("sha256")), stamp and str(stamp), kinds and str(kinds)
+            )
         return found
 
     def paths(self) -> set[str]:
@@ -391,6 +413,21 @@ class Store:
             for file in files:
                 collection.delete(where={"$and": [{"path": file.path}, {"sha256": {"$ne": file.sha256}}]})
             self._upsert(collection, records, vectors, markers)
+
+    def put(self, records: Sequence[Record], vectors: np.ndarray) -> None:
+        """Store records as they are (vectors in record order), deleting nothing."""
+        collection = self._connected()
+        with self._failing(f"writing {len(records)} records"):
+            self._upsert(collection, list(records), vectors, list(range(len(records))))
+
+    def drop_except(self, path: str, keep: set[str]) -> None:
+        """Delete the records of ``path`` whose ids are not in ``keep``."""
+        collection = self._connected()
+        with self._failing(f"deleting the older records of {printable_path(path)!r}"):
+            ids = collection.get(where={"path": path}, include=[])["ids"]
+            gone = [id_ for id_ in ids if id_ not in keep]
+            for start in range(0, len(gone), 500):
+                collection.delete(ids=gone[start : start + 500])
 
     def _upsert(self, collection: Collection, records: list[Record], vectors: np.ndarray, numbers: list[int]) -> None:
         step = self._client.get_max_batch_size()
@@ -435,6 +472,7 @@ class Store:
                 start=record.metadata.get("start"),
                 end=record.metadata.get("end"),
                 text=record.document,
+                page=record.metadata.get("page"),
             )
             for rank, record in enumerate(self.nearest(vector, k, kind), 1)
         ]
@@ -496,12 +534,13 @@ def index_files(
     *,
     batch_size: int | Literal["auto"] = "auto",
     max_chars: int = DEFAULT_MAX_CHARS,
+    pdf_records: Sequence[str] | None = None,
     prune: bool = False,
     follow_links: bool = False,
     progress: bool = True,
     report: Callable[[SkippedPath], None] = lambda _skipped: None,
 ) -> IndexSummary:
-    """Index the images and texts under ``paths`` into ``store``, incrementally.
+    """Index the images, texts and PDFs under ``paths`` into ``store``, incrementally.
 
     Files are found by :func:`~e5v.indexing.walk` (``follow_links`` follows links to
     files outside ``paths``). A file whose size, mtime and ctime are those stored is
@@ -512,9 +551,18 @@ def index_files(
     every stored file that no longer exists. ``batch_size`` is the most items a forward
     pass (``"auto"``: the embedder's); records are embedded and written
     :data:`BATCHES_PER_WRITE` batches' worth at a time.
+
+    PDFs are read, embedded and written :data:`PDF_PAGES_PER_WRITE` pages at a time,
+    each page as the records ``pdf_records`` names (:func:`e5v.pdf.record_kinds`;
+    default :data:`e5v.pdf.DEFAULT_RECORD_KINDS`); a PDF stored as other kinds is
+    indexed again. A page that cannot be read is passed to ``report`` (and counted in
+    ``pages_failed``) and the rest of its PDF is stored.
     """
     from tqdm.auto import tqdm
 
+    from e5v.pdf import DEFAULT_RECORD_KINDS, record_kinds
+
+    kinds = DEFAULT_RECORD_KINDS if pdf_records is None else record_kinds(pdf_records)
     summary = IndexSummary()
 
     def fail(skipped: SkippedPath) -> None:
@@ -526,15 +574,18 @@ def index_files(
         fail(skipped)
     known = store.stored()
     staged: list[FileRecords] = []
+    pdfs: list[PdfFile] = []
     emptied: list[str] = []
     unchanged: list[Unchanged] = []
     images = ImageLoader()
     for path in tqdm(files, desc="Reading", unit="file", disable=not progress, leave=False):
-        loaded = load_file(path, max_chars=max_chars, known=known, images=images)
+        loaded = load_file(path, max_chars=max_chars, known=known, images=images, pdf_records=kinds)
         if isinstance(loaded, Unchanged):
             unchanged.append(loaded)
         elif isinstance(loaded, SkippedPath):
             fail(loaded)
+        elif isinstance(loaded, PdfFile):
+            pdfs.append(loaded)
         elif not loaded.records:
             summary.empty += 1
             emptied.append(loaded.path)
@@ -544,20 +595,38 @@ def index_files(
     store.restamp(unchanged, known)
     store.remove(path for path in emptied if path in known)
 
-    if staged:
+    if staged or pdfs:
         embedder = connect()
         size = embedder.batch_size if batch_size == "auto" else batch_size
-        total = sum(len(file.records) for file in staged)
-        with tqdm(total=total, desc="Embedding", unit="item", disable=not progress) as bar:
-            for group in _groups(staged, size * BATCHES_PER_WRITE):
-                written, failed = _embed_files(embedder, group, size)
-                for skipped in failed:
-                    fail(skipped)
-                if written:
-                    store.write([file for file, _ in written], np.concatenate([vectors for _, vectors in written]))
-                    summary.indexed += len(written)
-                    summary.records += sum(len(file.records) for file, _ in written)
-                bar.update(sum(len(file.records) for file in group))
+        if staged:
+            total = sum(len(file.records) for file in staged)
+            with tqdm(total=total, desc="Embedding", unit="item", disable=not progress) as bar:
+                for group in _groups(staged, size * BATCHES_PER_WRITE):
+                    written, failed = _embed_files(embedder, group, size)
+                    for skipped in failed:
+                        fail(skipped)
+                    if written:
+                        store.write([file for file, _ in written], np.concatenate([vectors for _, vectors in written]))
+                        summary.indexed += len(written)
+                        summary.records += sum(len(file.records) for file, _ in written)
+                    bar.update(sum(len(file.records) for file in group))
+        if pdfs:
+            pages = sum(file.pages for file in pdfs)
+            with tqdm(total=pages, desc="PDF pages", unit="page", disable=not progress) as bar:
+                for file in pdfs:
+                    stored, left_out, failure = _index_pdf(store, embedder, file, kinds, max_chars, size, bar.update)
+                    if failure is not None:
+                        fail(failure)
+                    elif stored == 0:
+                        summary.empty += 1
+                        store.remove([file.path] if file.path in known else [])
+                    else:
+                        summary.indexed += 1
+                        summary.records += stored
+                        for skipped in left_out:
+                            skipped = SkippedPath(skipped.path, f"{skipped.reason}; the rest of the PDF is indexed")
+                            summary.pages_failed.append(skipped)
+                            report(skipped)
 
     store.remove(skipped.path for skipped in summary.failed if skipped.path in known)
     if prune:
@@ -565,6 +634,83 @@ def index_files(
         store.remove(gone)
         summary.pruned = len(gone)
     return summary
+
+
+def _index_pdf(
+    store: Store,
+    embedder: Embedder,
+    file: PdfFile,
+    kinds: Sequence[str],
+    max_chars: int,
+    batch_size: int,
+    advance: Callable[[int], object],
+) -> tuple[int, list[SkippedPath], SkippedPath | None]:
+    """Embed and store a PDF's pages a chunk at a time: ``(records stored, pages left
+    out, why the whole file failed)``.
+
+    Its first record is held back as the marker (with the file's stamp and the record
+    kinds) and written last, after the file's other older records are deleted, so that
+    an interrupted run leaves the marker missing or older and the next run embeds the
+    PDF again. A file that fails, or keeps no record, leaves no record behind.
+    """
+    from e5v.pdf import read_pages
+
+    marker: tuple[Record, np.ndarray] | None = None
+    written: set[str] = set()
+    left_out: list[SkippedPath] = []
+    try:
+        for chunk in read_pages(file, kinds, max_chars, PDF_PAGES_PER_WRITE):
+            records: list[Record] = []
+            vectors: list[np.ndarray] = []
+            for page, page_vectors in _embed_pages(embedder, chunk, batch_size, left_out, file.path):
+                records.extend(page.records)
+                vectors.extend(page_vectors)
+            if marker is None and records:
+                first = replace(records.pop(0), stamp=file.stamp, pdf_records=",".join(kinds))
+                marker = (first, vectors.pop(0))
+            if records:
+                store.put(records, np.stack(vectors))
+                written.update(record.id for record in records)
+            advance(len(chunk))
+    except InvalidInputError as exc:
+        store.remove([file.path])  # what was written of it
+        return 0, [], SkippedPath(file.path, exc.reason)
+    if marker is None:  # nothing was written
+        failure = SkippedPath(file.path, f"no page could be read ({left_out[0].reason})") if left_out else None
+        return 0, [], failure
+    store.drop_except(file.path, written | {marker[0].id})
+    store.put([marker[0]], marker[1].reshape(1, -1))
+    return len(written) + 1, left_out, None
+
+
+def _embed_pages(
+    embedder: Embedder, chunk: list[PageRecords], batch_size: int, left_out: list[SkippedPath], path: str
+) -> list[tuple[PageRecords, np.ndarray]]:
+    """Embed the pages' items together; if one is bad, page by page, leaving out (and
+    adding to ``left_out``) each page that fails to render or to embed."""
+    for page in chunk:
+        if page.failure is not None:
+            left_out.append(SkippedPath(path, page.failure))  # it names the page
+    pages = [page for page in chunk if page.records]
+    if not pages:
+        return []
+    try:
+        vectors = embedder.embed([item for page in pages for item in page.items], batch_size=batch_size)
+    except InvalidInputError:
+        logger.debug("a chunk of %d pages of %s has a bad item; embedding page by page", len(pages), path)
+    else:
+        done, start = [], 0
+        for page in pages:
+            done.append((page, vectors[start : start + len(page.records)]))
+            start += len(page.records)
+        return done
+    done = []
+    for page in pages:
+        try:
+            done.append((page, embedder.embed(list(page.items), batch_size=batch_size)))
+        except InvalidInputError as exc:
+            left_out.append(SkippedPath(path, f"page {page.page}: {exc.reason}"))
+    return done
 
 
 def _groups(files: Sequence[FileRecords], size: int) -> Iterator[list[FileRecords]]:

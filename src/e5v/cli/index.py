@@ -1,4 +1,4 @@
-"""``e5v index``: embed images and text files into a Chroma collection, incrementally."""
+"""``e5v index``: embed images, text files and PDFs into a Chroma collection, incrementally."""
 
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ blank lines, else sentence ends, else spaces, without overlap. Files are found
 recursively in folders (hidden ones left out). A file whose content (sha256) is
 unchanged is skipped; a changed one's records are replaced.
 
+PDFs (pip install "e5v[pdf]") are read page by page; --pdf-records says what each page
+becomes: "image" (the page rendered for E5-V's 336-px tile grid), "text" (its text in
+passages, as text files) and "interleaved" (rendering and text as ONE vector). Search
+results carry the page. Encrypted or corrupt PDFs are reported and skipped; a page that
+cannot be read is reported and the rest of its PDF is indexed. A PDF stored with other
+--pdf-records is indexed again.
+
 Only regular files are read. Links to files inside the given folders are indexed
 under the link's name; links to files outside them are skipped (--follow-links indexes
 them), links to folders are never followed. FIFOs, devices, sockets, link loops,
@@ -33,12 +40,13 @@ size, mtime and ctime are unchanged is skipped without reading it.
 
 Files of other types are counted and named in the summary, not read. A path that
 cannot be indexed is reported on stderr and skipped; the exit status is 1 if any
-failed, 0 otherwise (2: nothing was indexed: bad options, no model, or a collection
+failed (a PDF page too), 0 otherwise (2: nothing was indexed: bad options, no model, or a collection
 or database that cannot be used). Nothing is created before the model has loaded.
 
 examples:
   e5v index examples/data
   e5v index ~/photos ~/notes --db ~/e5v_db --batch-size 32
+  e5v index reports/ --pdf-records image,text,interleaved
   e5v index docs/ --model /models/e5-v --prune --quiet
   e5v index examples/data --model tiny-e5v     # a tiny random checkpoint (see README)
 """
@@ -47,8 +55,8 @@ examples:
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "index",
-        help="index images and text files into a Chroma collection",
-        description="Embed images and text files with E5-V into an embedded Chroma database.",
+        help="index images, text files and PDFs into a Chroma collection",
+        description="Embed images, text files and PDFs with E5-V into an embedded Chroma database.",
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -64,6 +72,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--max-chars", type=positive, default=800, help="longest text passage, in characters (default: 800)"
+    )
+    parser.add_argument(
+        "--pdf-records",
+        type=pdf_records_option,
+        default=None,
+        metavar="KINDS",
+        help="what each PDF page becomes, comma-separated: image, text, interleaved (default: image,text)",
     )
     parser.add_argument("--prune", action="store_true", help="delete the records of indexed files that are gone")
     parser.add_argument(
@@ -93,10 +108,22 @@ def run(args: argparse.Namespace) -> int:
         lambda: connect_from_args(store, args),
         batch_size=args.batch_size,
         max_chars=args.max_chars,
+        pdf_records=args.pdf_records,
         prune=args.prune,
         follow_links=args.follow_links,
         progress=show_progress(args.quiet),
         report=report,
     )
     sys.stdout.write("\n".join(summary.lines()) + "\n")
-    return 1 if summary.failed else 0
+    return 1 if summary.failed or summary.pages_failed else 0
+
+
+def pdf_records_option(value: str) -> tuple[str, ...]:
+    """``--pdf-records``: kinds of :data:`e5v.pdf.RECORD_KINDS`, comma-separated."""
+    from e5v.errors import ConfigurationError
+    from e5v.pdf import record_kinds
+
+    try:
+        return record_kinds(value)
+    except ConfigurationError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

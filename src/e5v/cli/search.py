@@ -27,13 +27,15 @@ EPILOG = """\
 TEXT alone is a text query, --image alone an image query, and both a composed query:
 the image changed as TEXT says (E5-V's composed-retrieval prompt). The score is the
 cosine similarity of query and result. By default the collection's own model is used;
-another --model is refused.
+another --model is refused. A PDF's records name their page: the table shows
+FILE.pdf#page=N (the PDF open parameter viewers understand), --json a "page" key.
 
 examples:
   e5v search "a cat"
   e5v search --image examples/data/chelsea.png -k 3
   e5v search "make it a dog" --image examples/data/chelsea.png --kind image
   e5v search "coffee brewing" --kind text --json | jq '.[0].text'
+  e5v search "a bar chart of sales" --kind image --json | jq '.[] | [.path, .page]'
 """
 
 PREVIEW_CHARS = 70
@@ -50,7 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("text", nargs="?", metavar="TEXT", help="query text (with --image: the change to make)")
     parser.add_argument("--image", metavar="PATH", help="query image file")
     parser.add_argument("-k", type=positive, default=10, help="number of results (default: 10)")
-    parser.add_argument("--kind", choices=("image", "text"), help="only results of this kind")
+    parser.add_argument(
+        "--kind",
+        choices=("image", "text", "interleaved"),
+        help="only results of this kind (image: image files and PDF page renderings; interleaved: PDF pages as "
+        "rendering and text in one vector)",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON list instead of a table")
     add_collection_options(parser)
     add_server_option(
@@ -107,8 +114,9 @@ def _table(hits: Sequence[Hit]) -> str:
         if hit.text is not None:
             flat = " ".join(hit.text.split())
             flat = flat if len(flat) <= PREVIEW_CHARS else flat[: PREVIEW_CHARS - 3] + "..."
-            preview = f"#{hit.passage} {flat}"
-        rows.append((str(hit.rank), f"{hit.score:.4f}", hit.kind, printable_path(hit.path), preview))
+            preview = flat if hit.passage is None else f"#{hit.passage} {flat}"
+        path = printable_path(hit.path) + ("" if hit.page is None else f"#page={hit.page}")
+        rows.append((str(hit.rank), f"{hit.score:.4f}", hit.kind, path, preview))
     widths = [max(len(row[column]) for row in rows) for column in range(4)]
     return "\n".join(
         "  ".join([*(cell.ljust(width) for cell, width in zip(row[:4], widths)), row[4]]).rstrip() for row in rows

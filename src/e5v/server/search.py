@@ -34,7 +34,7 @@ from e5v.scheduler import QueueFullError, Scheduler
 from e5v.server.metrics import Metrics
 from e5v.server.page import add_page
 from e5v.server.schemas import RequestError
-from e5v.server.thumbnails import ThumbnailError, Thumbnails
+from e5v.server.thumbnails import ThumbnailError, Thumbnails, has_thumbnail
 from e5v.store import Store, StoredRecord
 
 __all__ = ["CollectionInfo", "SearchHit", "SearchRequest", "SearchResponse", "add_search"]
@@ -284,6 +284,6 @@ def _hit(rank: int, row: StoredRecord) -> SearchHit:
         start=meta.get("start"),
         end=meta.get("end"),
         text=row.document,
-        thumbnail=f"/v1/records/{quote(row.id, safe='')}/thumbnail" if kind == "image" else None,
+        thumbnail=f"/v1/records/{quote(row.id, safe='')}/thumbnail" if has_thumbnail(row.metadata) else None,
         metadata={key: value for key, value in meta.items() if key not in _OWN_FIELDS | _HIDDEN_FIELDS},
     )

@@ -14,11 +14,13 @@ import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
-from e5v.errors import E5VError, InvalidInputError
+from e5v.errors import E5VError, InvalidInputError, MissingDependencyError
 from e5v.indexing import printable_path, sha256_bytes
 from e5v.indexing import stamp as file_stamp
 from e5v.inputs import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
+from e5v.pdf import render_page
 from e5v.store import StoredRecord
 
 __all__ = ["ThumbnailError", "Thumbnails"]
@@ -35,6 +37,12 @@ CACHE_BYTES = 64 * 1024 * 1024
 
 class ThumbnailError(E5VError):
     """A record has no thumbnail to give: not an image, its file gone, changed or unreadable."""
+
+
+def has_thumbnail(metadata: dict[str, Any]) -> bool:
+    """An image file's record, or a PDF page's (its image or interleaved record), rendered."""
+    kind = metadata.get("kind")
+    return kind == "image" or (kind == "interleaved" and metadata.get("page") is not None)
 
 
 class Thumbnails:
@@ -60,9 +68,11 @@ class Thumbnails:
 
     def get(self, record: StoredRecord) -> bytes:
         """The record's thumbnail (JPEG bytes), or :class:`ThumbnailError` saying why there is none."""
-        kind, path = record.metadata.get("kind"), str(record.metadata.get("path"))
-        if kind != "image":
-            raise ThumbnailError(f"record {record.id!r} is a {kind} record; only image records have thumbnails")
+        kind, path, page = record.metadata.get("kind"), str(record.metadata.get("path")), record.metadata.get("page")
+        if not has_thumbnail(record.metadata):
+            raise ThumbnailError(
+                f"record {record.id!r} is a {kind} record; only image records and PDF pages have thumbnails"
+            )
         try:
             info = os.stat(path)
         except OSError:
@@ -82,14 +92,14 @@ class Thumbnails:
                 self._on_hit()
                 return kept
             try:
-                thumbnail = self._make(record.id, path, key[1])
+                thumbnail = self._make(record.id, path, key[1], page)
                 self._keep(key, thumbnail)
             finally:
                 with self._lock:
                     self._making.pop(key, None)
         return thumbnail
 
-    def _make(self, id_: str, path: str, sha256: str) -> bytes:
+    def _make(self, id_: str, path: str, sha256: str, page: int | None) -> bytes:
         shown = printable_path(path)
         try:
             # non-blocking, so that a FIFO put in the file's place cannot hang the open
@@ -105,11 +115,13 @@ class Thumbnails:
                 f"the file of record {id_!r} ({shown}) has changed since it was indexed; run `e5v index` again"
             )
         try:
-            image = self._loader.load(data, 0)
+            image = self._loader.load(data, 0) if page is None else render_page(path, int(page), max_side=self.size)
         except InvalidInputError as exc:
-            raise ThumbnailError(
-                f"the file of record {id_!r} ({shown}) is not a readable image: {exc.reason}"
-            ) from None
+            what = "image" if page is None else f"PDF page {page}"
+            reason = f"the file of record {id_!r} ({shown}) is not a readable {what}: {exc.reason}"
+            raise ThumbnailError(reason) from None
+        except MissingDependencyError as exc:
+            raise ThumbnailError(f"the PDF page of record {id_!r} cannot be drawn here: {exc}") from None
         image.thumbnail((self.size, self.size))
         buffer = io.BytesIO()
         image.save(buffer, format="JPEG", quality=JPEG_QUALITY)

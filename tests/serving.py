@@ -22,11 +22,18 @@ def free_port() -> int:
 
 
 def start_server(model: Path, *options: str) -> tuple[subprocess.Popen[str], str]:
+    """``e5v serve --model MODEL OPTIONS`` with the test key, once it is ready."""
+    return launch(["--model", str(model), *options], {**os.environ, "E5V_API_KEY": KEY})
+
+
+def launch(arguments: list[str], env: dict[str, str]) -> tuple[subprocess.Popen[str], str]:
+    """``e5v serve ARGUMENTS --port FREE`` in ``env`` (offline), once it is ready: the process and its URL."""
     port = free_port()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "E5V_API_KEY": KEY}
-    command = [sys.executable, "-m", "e5v", "serve", "--model", str(model), "--port", str(port), *options]
+    command = [sys.executable, "-m", "e5v", "serve", *arguments, "--port", str(port)]
     log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives as long as the server; a full pipe would stall it
-    process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, text=True, env=env)
+    process = subprocess.Popen(
+        command, stdout=log, stderr=subprocess.STDOUT, text=True, env={**env, "HF_HUB_OFFLINE": "1"}
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:

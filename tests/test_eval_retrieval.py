@@ -262,3 +262,14 @@ def test_help_names_every_target_with_examples(capsys) -> None:
     assert "e5v eval paper " in examples and "e5v eval retrieval --queries" in examples
     for target in ("paper", "flickr30k", "coco", "cirr", "cirr-test", "fashioniq", "sts", "i2i-flickr30k", "retrieval"):
         assert target in text.split("examples:")[0]
+
+
+def test_a_model_loaded_before_stays_shared_and_the_settings_own_are_freed(own_data: Path, tiny_path: Path, embedder):
+    from e5v import loading
+
+    args = ["eval", "retrieval", "--queries", str(own_data / "queries.jsonl"), "--corpus"]
+    args += [str(own_data / "corpus.jsonl"), "--qrels", str(own_data / "qrels.tsv"), "--model", str(tiny_path)]
+    before = dict(loading._CACHE)
+    assert main([*args, "--no-cache", "--output", str(own_data / "out.json"), "--compare", "max_image_tiles=0"]) == 0
+    assert before == loading._CACHE  # the float32 tiny model of the fixture is still there; nothing else is
+    assert E5VEmbedder(tiny_path, batch_size=4)._loaded is embedder._loaded

@@ -8,33 +8,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from fpdf import FPDF
 from langchain_chroma import Chroma
 from langchain_core.documents import Document
+from pdfs import CAPTION, TEXT, write_report
 from PIL import Image
 
 from e5v import E5VEmbedder
 from e5v.pdf import render_page
 from langchain_e5v import E5VEmbeddings, E5VPDFLoader
 
-TEXT = "Espresso is brewed by forcing hot water through finely ground coffee."
-CAPTION = "Chelsea the cat looks straight at the camera."
-
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory, photos: dict[str, Image.Image]) -> Path:
     """Two pages: text only, then a photo with a caption."""
-    path = tmp_path_factory.mktemp("pdf") / "report.pdf"
-    pdf = FPDF(format="A4")
-    pdf.add_page()
-    pdf.set_font("Helvetica", size=12)
-    pdf.multi_cell(0, 6, TEXT)
-    pdf.add_page()
-    pdf.image(photos["cat"], x=20, y=20, w=120)
-    pdf.set_y(120)
-    pdf.multi_cell(0, 6, CAPTION)
-    pdf.output(str(path))
-    return path
+    return write_report(tmp_path_factory.mktemp("pdf") / "report.pdf", photos["cat"])
 
 
 @pytest.fixture(scope="module")

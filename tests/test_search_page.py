@@ -10,15 +10,13 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
-from serving import KEY, free_port, start_server, stop
+from serving import KEY, launch, start_server, stop
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "data"
@@ -50,27 +48,7 @@ def index(corpus: Path, model: Path) -> Path:
 
 def serve_without_key(db: Path) -> tuple[subprocess.Popen[str], str]:
     """``e5v serve --db`` with no key (so on loopback), its model from the collection."""
-    port = free_port()
-    env = {name: value for name, value in os.environ.items() if name != "E5V_API_KEY"}
-    command = [sys.executable, "-m", "e5v", "serve", "--db", str(db), "--port", str(port)]
-    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - lives as long as the server
-    process = subprocess.Popen(
-        command, stdout=log, stderr=subprocess.STDOUT, text=True, env={**env, "HF_HUB_OFFLINE": "1"}
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            log.seek(0)
-            raise AssertionError(f"the server exited: {log.read()}")
-        try:
-            if httpx.get(f"{url}/ready", timeout=1).status_code == 200:
-                return process, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    process.kill()
-    raise AssertionError("the server did not become ready in 120 s")
+    return launch(["--db", str(db)], {name: value for name, value in os.environ.items() if name != "E5V_API_KEY"})
 
 
 @pytest.fixture(scope="module")

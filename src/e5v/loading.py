@@ -37,6 +37,7 @@ __all__ = [
     "LoadedModel",
     "add_image_token_row",
     "clear_cache",
+    "forgotten_after",
     "load",
     "merge_adapter",
     "parse_device",
@@ -255,6 +256,20 @@ def clear_cache() -> None:
     """Forget every loaded model (they are freed once no embedder holds them)."""
     with _CACHE_LOCK:
         _CACHE.clear()
+
+
+@contextmanager
+def forgotten_after() -> Iterator[None]:
+    """Forget, when the block ends, the models first loaded inside it (those loaded before
+    stay shared): one setting's model freed before the next loads."""
+    with _CACHE_LOCK:
+        before = set(_CACHE)
+    try:
+        yield
+    finally:
+        with _CACHE_LOCK:
+            for key in set(_CACHE) - before:
+                del _CACHE[key]
 
 
 def load(

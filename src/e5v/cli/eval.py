@@ -236,14 +236,14 @@ def _run_benchmarks(
     font = load_font(args.font) if "i2i-flickr30k" in tasks else None
     results: dict[str, dict[str, Any]] = {}
     for number, (label, setting) in enumerate(settings.items()):
-        encoder = Encoder(_embedder(args, setting), progress=progress)
-        results[label] = {}
-        for task in tasks:
-            logger.info("%s: %s", label, task)
-            submission = _submission_path(args, output, number, len(settings))
-            results[label][task] = run_task(task, encoder, data[task], font=font, submission=submission)
-        del encoder
-        loading.clear_cache()  # free this setting's model before the next loads
+        with loading.forgotten_after():  # this setting's model is freed before the next loads
+            encoder = Encoder(_embedder(args, setting), progress=progress)
+            results[label] = {}
+            for task in tasks:
+                logger.info("%s: %s", label, task)
+                submission = _submission_path(args, output, number, len(settings))
+                results[label][task] = run_task(task, encoder, data[task], font=font, submission=submission)
+            del encoder
     return results
 
 
@@ -266,12 +266,12 @@ def _run_retrieval(
             get_prompts(setting["prompts"])
     results: dict[str, dict[str, Any]] = {}
     for label, setting in settings.items():
-        embedder = _embedder(args, setting)
-        results[label] = evaluate_retrieval(
-            embedder, queries, corpus, qrels, ks=args.k, prompts=setting["prompts"], progress=progress
-        )
-        del embedder
-        loading.clear_cache()
+        with loading.forgotten_after():
+            embedder = _embedder(args, setting)
+            results[label] = evaluate_retrieval(
+                embedder, queries, corpus, qrels, ks=args.k, prompts=setting["prompts"], progress=progress
+            )
+            del embedder
     return results
 
 

@@ -42,7 +42,13 @@ class ThumbnailError(E5VError):
 def has_thumbnail(metadata: dict[str, Any]) -> bool:
     """An image file's record, or a PDF page's (its image or interleaved record), rendered."""
     kind = metadata.get("kind")
-    return kind == "image" or (kind == "interleaved" and metadata.get("page") is not None)
+    return kind == "image" or (kind == "interleaved" and pdf_page(metadata) is not None)
+
+
+def pdf_page(metadata: dict[str, Any]) -> int | None:
+    """The page (from 1) of a PDF's record, else ``None``."""
+    page = metadata.get("page")
+    return int(page) if page is not None and str(metadata.get("path")).lower().endswith(".pdf") else None
 
 
 class Thumbnails:
@@ -68,7 +74,7 @@ class Thumbnails:
 
     def get(self, record: StoredRecord) -> bytes:
         """The record's thumbnail (JPEG bytes), or :class:`ThumbnailError` saying why there is none."""
-        kind, path, page = record.metadata.get("kind"), str(record.metadata.get("path")), record.metadata.get("page")
+        kind, path, page = record.metadata.get("kind"), str(record.metadata.get("path")), pdf_page(record.metadata)
         if not has_thumbnail(record.metadata):
             raise ThumbnailError(
                 f"record {record.id!r} is a {kind} record; only image records and PDF pages have thumbnails"
@@ -115,7 +121,7 @@ class Thumbnails:
                 f"the file of record {id_!r} ({shown}) has changed since it was indexed; run `e5v index` again"
             )
         try:
-            image = self._loader.load(data, 0) if page is None else render_page(path, int(page), max_side=self.size)
+            image = self._loader.load(data, 0) if page is None else render_page(path, page, max_side=self.size)
         except InvalidInputError as exc:
             what = "image" if page is None else f"PDF page {page}"
             reason = f"the file of record {id_!r} ({shown}) is not a readable {what}: {exc.reason}"

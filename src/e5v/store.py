@@ -93,6 +93,23 @@ class Hit:
             keys += ("text",)
         return {key: getattr(self, key) for key in keys}
 
+    @classmethod
+    def of(cls, rank: int, record: StoredRecord) -> Hit:
+        """The hit of a record :meth:`Store.nearest` found, at ``rank``."""
+        meta = record.metadata
+        return cls(
+            rank=rank,
+            id=record.id,
+            score=float(record.score or 0.0),
+            kind=str(meta.get("kind")),
+            path=str(meta.get("path")),
+            passage=meta.get("passage"),
+            start=meta.get("start"),
+            end=meta.get("end"),
+            text=record.document,
+            page=meta.get("page"),
+        )
+
 
 @dataclass(frozen=True)
 class StoredRecord:
@@ -461,21 +478,7 @@ class Store:
 
     def query(self, vector: np.ndarray, k: int = 10, kind: str | None = None) -> list[Hit]:
         """The ``k`` records nearest to ``vector`` (of ``kind`` if given), best first."""
-        return [
-            Hit(
-                rank=rank,
-                id=record.id,
-                score=float(record.score or 0.0),
-                kind=str(record.metadata.get("kind")),
-                path=str(record.metadata.get("path")),
-                passage=record.metadata.get("passage"),
-                start=record.metadata.get("start"),
-                end=record.metadata.get("end"),
-                text=record.document,
-                page=record.metadata.get("page"),
-            )
-            for rank, record in enumerate(self.nearest(vector, k, kind), 1)
-        ]
+        return [Hit.of(rank, record) for rank, record in enumerate(self.nearest(vector, k, kind), 1)]
 
     def get_records(self, ids: Sequence[str], *, vectors: bool = False) -> list[StoredRecord]:
         """The records of ``ids`` that exist, in the order asked, with their vectors if ``vectors``."""

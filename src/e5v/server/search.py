@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import dataclasses
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -35,7 +36,7 @@ from e5v.server.metrics import Metrics
 from e5v.server.page import add_page
 from e5v.server.schemas import RequestError
 from e5v.server.thumbnails import ThumbnailError, Thumbnails, has_thumbnail
-from e5v.store import Store, StoredRecord
+from e5v.store import Hit, Store, StoredRecord
 
 __all__ = ["CollectionInfo", "SearchHit", "SearchRequest", "SearchResponse", "add_search"]
 
@@ -272,18 +273,10 @@ async def _embed(item: Item, embedder: E5VEmbedder, scheduler: Scheduler, metric
 
 
 def _hit(rank: int, row: StoredRecord) -> SearchHit:
-    meta = row.metadata
-    kind = str(meta.get("kind"))
+    fields = dataclasses.asdict(Hit.of(rank, row))
+    del fields["page"]  # a PDF's page stays in ``metadata``, as every other field does
     return SearchHit(
-        rank=rank,
-        id=row.id,
-        score=float(row.score or 0.0),
-        kind=kind,
-        path=str(meta.get("path")),
-        passage=meta.get("passage"),
-        start=meta.get("start"),
-        end=meta.get("end"),
-        text=row.document,
+        **fields,
         thumbnail=f"/v1/records/{quote(row.id, safe='')}/thumbnail" if has_thumbnail(row.metadata) else None,
-        metadata={key: value for key, value in meta.items() if key not in _OWN_FIELDS | _HIDDEN_FIELDS},
+        metadata={key: value for key, value in row.metadata.items() if key not in _OWN_FIELDS | _HIDDEN_FIELDS},
     )

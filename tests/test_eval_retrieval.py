@@ -53,6 +53,12 @@ def own_data(tmp_path: Path, photos) -> Path:
     return root
 
 
+def own_args(root: Path, model: str | Path) -> list[str]:
+    """``e5v eval retrieval`` on the own-data fixture's three files with ``model``."""
+    files = ["--queries", root / "queries.jsonl", "--corpus", root / "corpus.jsonl", "--qrels", root / "qrels.tsv"]
+    return ["eval", "retrieval", *map(str, files), "--model", str(model)]
+
+
 def test_items_and_qrels_are_read_in_beir_layout(own_data: Path) -> None:
     corpus = read_items(own_data / "corpus.jsonl")
     assert corpus[0] == Item("d1", "Espresso Coffee brewed under pressure.", None)  # BEIR: title, a space, text
@@ -153,15 +159,7 @@ def test_metrics_by_kind_of_query_on_injected_embeddings(own_data: Path, caplog)
 
 def test_e5v_eval_retrieval_compares_settings_side_by_side(own_data: Path, tiny_path: Path, tmp_path: Path, capsys):
     output = tmp_path / "own.json"
-    args = [
-        "eval",
-        "retrieval",
-        "--queries",
-        str(own_data / "queries.jsonl"),
-        "--corpus",
-        str(own_data / "corpus.jsonl"),
-    ]
-    args += ["--qrels", str(own_data / "qrels.tsv"), "--model", str(tiny_path), "--no-cache", "--output", str(output)]
+    args = [*own_args(own_data, tiny_path), "--no-cache", "--output", str(output)]
     args += ["--compare", "max_image_tiles=0", "--compare", "dtype=bfloat16,max_image_tiles=1", "--k", "1,3"]
     assert main(args) == 0
     out, err = capsys.readouterr()
@@ -205,15 +203,7 @@ def test_e5v_eval_retrieval_compares_settings_side_by_side(own_data: Path, tiny_
     ],
 )
 def test_a_bad_compare_setting_is_one_line(own_data: Path, extra: list[str], message: str, capsys) -> None:
-    args = [
-        "eval",
-        "retrieval",
-        "--queries",
-        str(own_data / "queries.jsonl"),
-        "--corpus",
-        str(own_data / "corpus.jsonl"),
-    ]
-    assert main([*args, "--qrels", str(own_data / "qrels.tsv"), "--model", "never-loaded", *extra]) == 2
+    assert main([*own_args(own_data, "never-loaded"), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("e5v eval: error: ") and message in err and len(err.splitlines()) == 1
 
@@ -241,15 +231,7 @@ def test_misused_targets_are_refused_before_anything_loads(args: list[str], mess
 
 def test_a_bad_input_file_stops_before_the_model_loads(own_data: Path, capsys) -> None:
     (own_data / "queries.jsonl").write_text('{"id": "q1"}\n')
-    args = [
-        "eval",
-        "retrieval",
-        "--queries",
-        str(own_data / "queries.jsonl"),
-        "--corpus",
-        str(own_data / "corpus.jsonl"),
-    ]
-    assert main([*args, "--qrels", str(own_data / "qrels.tsv"), "--model", "never-loaded"]) == 2
+    assert main(own_args(own_data, "never-loaded")) == 2
     assert "queries.jsonl:1: needs a 'text' and/or an 'image'" in capsys.readouterr().err
 
 
@@ -267,8 +249,7 @@ def test_help_names_every_target_with_examples(capsys) -> None:
 def test_a_model_loaded_before_stays_shared_and_the_settings_own_are_freed(own_data: Path, tiny_path: Path, embedder):
     from e5v import loading
 
-    args = ["eval", "retrieval", "--queries", str(own_data / "queries.jsonl"), "--corpus"]
-    args += [str(own_data / "corpus.jsonl"), "--qrels", str(own_data / "qrels.tsv"), "--model", str(tiny_path)]
+    args = own_args(own_data, tiny_path)
     before = dict(loading._CACHE)
     assert main([*args, "--no-cache", "--output", str(own_data / "out.json"), "--compare", "max_image_tiles=0"]) == 0
     assert before == loading._CACHE  # the float32 tiny model of the fixture is still there; nothing else is

@@ -29,7 +29,16 @@ from e5v.inputs import (
     text_request,
 )
 
-__all__ = ["EmbeddingRequest", "RequestError", "parse_items"]
+__all__ = [
+    "EmbeddingData",
+    "EmbeddingRequest",
+    "EmbeddingResponse",
+    "ErrorBody",
+    "ErrorResponse",
+    "RequestError",
+    "Usage",
+    "parse_items",
+]
 
 
 class TextPart(BaseModel):
@@ -67,6 +76,41 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = Field(default=None, description="refused: E5-V vectors are not truncatable")
     user: str | None = None
     prompts: str | None = Field(default=None, description="a prompt preset of e5v.prompts.PRESETS, e.g. 'cirr'")
+
+
+class EmbeddingData(BaseModel):
+    """One vector: its item's position in ``input``, as floats or base64 little-endian float32."""
+
+    object: Literal["embedding"] = "embedding"
+    index: int = Field(ge=0)
+    embedding: list[float] | str
+
+
+class Usage(BaseModel):
+    prompt_tokens: int = Field(ge=0)
+    total_tokens: int = Field(ge=0)
+
+
+class EmbeddingResponse(BaseModel):
+    """OpenAI's embeddings response: one ``data`` row per item."""
+
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error shape, for every 4xx and 5xx."""
+
+    error: ErrorBody
 
 
 class RequestError(Exception):

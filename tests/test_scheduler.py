@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import threading
+import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from e5v import Composed
 from e5v.errors import InvalidInputError
 from e5v.inputs import image_request, text_request
 from e5v.scheduler import QueueFullError, RoundStats, Scheduler
@@ -28,8 +32,8 @@ def test_jobs_from_many_threads_get_their_own_vectors(embedder) -> None:
         for n, result in enumerate(results):
             np.testing.assert_allclose(result.vectors, embedder.embed_texts([f"job {n}", "shared"]), atol=1e-5)
             assert len(result.tokens) == 2 and all(count > 0 for count in result.tokens)
-        assert sum(stats.jobs for stats in rounds) == 32 and len(rounds) < 32  # merged
-        assert all(stats.seconds > 0 for stats in rounds)
+        assert sum(stats.items for stats in rounds) == 64 and len(rounds) < 32  # merged
+        assert all(stats.seconds > 0 and stats.tokens > 0 for stats in rounds)
     finally:
         scheduler.close()
 
@@ -81,3 +85,99 @@ def test_a_cancelled_job_is_dropped_and_a_full_queue_refuses(embedder) -> None:
         assert [stats.jobs for stats in rounds] == [1, 1]  # the cancelled job never reached the model
     finally:
         scheduler.close()
+
+
+def test_a_large_job_is_spread_over_rounds_and_a_one_item_job_waits_one_round(embedder) -> None:
+    """The fairness promised: a one-item job that arrives while a large one is being
+    embedded is in the next round, not after the large job."""
+    rounds: list[RoundStats] = []
+    started = threading.Event()
+    gate = threading.Event()
+
+    def hold_first(stats: RoundStats) -> None:
+        rounds.append(stats)
+        started.set()
+        gate.wait(30)  # the first round's end waits until the small job is queued and prepared
+
+    scheduler = Scheduler(embedder, max_round_items=4, on_round=hold_first)
+    bodies = embedder.prompt_bodies()
+    try:
+        large = scheduler.submit(texts(*(f"passage number {n}" for n in range(40))), bodies)
+        assert started.wait(60)
+        small = scheduler.submit(texts("one word"), bodies)
+        time.sleep(0.5)  # its item is prepared meanwhile (milliseconds), off the model's thread
+        gate.set()
+        small.result(timeout=60)
+        rounds_when_small_done = len(rounds)
+        assert not large.done()  # the large job's items are still going
+        assert rounds_when_small_done <= 2, rounds  # the round running, then the next one
+        np.testing.assert_allclose(small.result().vectors, embedder.embed_texts(["one word"]), atol=1e-5)
+        result = large.result(timeout=120)
+        np.testing.assert_allclose(
+            result.vectors, embedder.embed_texts([f"passage number {n}" for n in range(40)]), atol=1e-5
+        )
+        assert all(stats.items <= 4 for stats in rounds)
+        assert len(rounds) >= 10  # 41 items, 4 a round
+    finally:
+        scheduler.close()
+
+
+def test_a_job_over_the_pixel_budget_is_refused(embedder) -> None:
+    from e5v.scheduler import RequestTooLargeError
+
+    image = Image.new("1", (3000, 2000))  # 6 M pixels, a few hundred bytes as PNG
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    png = buffer.getvalue()
+    scheduler = Scheduler(embedder, max_request_pixels=10_000_000)
+    try:
+        with pytest.raises(RequestTooLargeError, match=r"^item 1: .*12000000 pixels .* limit of 10000000"):
+            scheduler.submit([image_request(png, 0), image_request(png, 1)], embedder.prompt_bodies())
+        one = scheduler.submit([image_request(png, 0)], embedder.prompt_bodies()).result(timeout=120)
+        np.testing.assert_allclose(one.vectors, embedder.embed_images([png]), atol=1e-5)
+    finally:
+        scheduler.close()
+
+
+def test_prepared_items_embed_as_the_embedder_does(embedder, photo_dir) -> None:
+    """prepare + embed_prepared (the server's path) give the in-process vectors, prompt
+    presets mixed in one round, and each item's token count as embedded."""
+    from e5v.inputs import Interleaved, composed_request, interleaved_request
+
+    cat = (photo_dir / "cat.png").read_bytes()
+    default, cirr = embedder.prompt_bodies(), embedder.prompt_bodies("cirr")
+    requests = [
+        (text_request("a cat", 0), default),
+        (image_request(cat, 1), default),
+        (image_request(cat, 2), cirr),
+        (composed_request(cat, "make it a dog", 3), default),
+        (interleaved_request(Interleaved([cat, "a caption"]), 4), default),
+        (text_request("a cat", 5), default),
+    ]
+    prepared = [embedder.prepare(request, bodies) for request, bodies in requests]
+    got = embedder.embed_prepared(prepared)
+    expected = np.concatenate(
+        [
+            embedder.embed(["a cat", cat]),
+            embedder.embed([cat], prompts="cirr"),
+            embedder.embed([Composed(cat, "make it a dog"), Interleaved([cat, "a caption"]), "a cat"]),
+        ]
+    )
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    for (request, bodies), item in zip(requests, prepared):
+        assert item.tokens == embedder.token_counts([request], bodies)[0]
+    assert prepared[1].pixels == Image.open(photo_dir / "cat.png").width * Image.open(photo_dir / "cat.png").height
+
+
+def test_a_huge_text_is_cut_by_characters_before_tokenising(embedder) -> None:
+    """A text far over max_text_tokens reaches the tokenizer cut to max_text_chars, and
+    embeds as the same text cut there by hand; a text within the limit is never cut."""
+    huge = "word " * 400_000  # 2 MB
+    cap = embedder.max_text_chars
+    assert cap < len(huge)
+    request = text_request(huge, 0)
+    item = embedder.prepare(request, embedder.prompt_bodies())
+    assert item.tokens <= embedder.max_text_tokens + 64
+    np.testing.assert_allclose(embedder.embed_prepared([item]), embedder.embed_texts([huge[:cap]]), atol=1e-5)
+    within = "word " * 10
+    assert embedder._cut(within) == within

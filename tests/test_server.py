@@ -153,7 +153,7 @@ def test_64_concurrent_requests_of_mixed_kinds(server: str, embedder, photos) ->
     for got, expected in results:
         np.testing.assert_allclose(got, expected, atol=ATOL)
     after = rounds()
-    assert after[1] - before[1] == 64  # every request went through the scheduler once
+    assert after[1] - before[1] >= 64  # every request went through the scheduler (its items may span rounds)
     assert after[0] - before[0] < 64, "concurrent requests were embedded together, in fewer rounds"
 
 
@@ -306,20 +306,20 @@ def test_the_remote_embedder_equals_the_in_process_one(server: str, embedder, ph
 
 
 def test_a_client_that_disconnects_has_its_queued_items_dropped(server: str) -> None:
-    def rounds_sum() -> float:
+    def items_sum() -> float:
         lines = httpx.get(f"{server}/metrics").text.splitlines()
-        return float(next(line for line in lines if line.startswith("e5v_round_requests_sum")).split()[-1])
+        return float(next(line for line in lines if line.startswith("e5v_round_items_sum")).split()[-1])
 
-    before = rounds_sum()
-    long_texts = [" ".join(f"word{n}_{i}" for i in range(700)) for n in range(32)]
+    before = items_sum()
+    long_texts = [" ".join(f"word{n}_{i}" for i in range(700)) for n in range(32)]  # a round each
     with ThreadPoolExecutor(1) as pool:
-        first = pool.submit(post, server, {"input": long_texts})  # keeps the model busy for a while
+        first = pool.submit(post, server, {"input": long_texts})  # shares the rounds, in turn
         time.sleep(0.3)
         with pytest.raises(httpx.TimeoutException):
-            post(server, {"input": ["given up on"]}, timeout=0.3)  # queued behind it, then gone
+            post(server, {"input": [text + " again" for text in long_texts]}, timeout=0.5)  # then gone
         assert first.result().status_code == 200
     time.sleep(0.5)
-    assert rounds_sum() - before == 1  # the second request never reached the model
+    assert items_sum() - before < 64  # the second request's items still waiting never reached the model
 
 
 def test_the_serve_benchmark_runs_and_reports_every_figure(tiny_path: Path) -> None:

@@ -28,6 +28,7 @@ from e5v.inputs import (
     as_list,
     check_lengths,
     composed_request,
+    content_key,
     image_request,
     interleaved_request,
     text_request,
@@ -37,7 +38,7 @@ from e5v.optional import require
 from e5v.prompts import IMAGE_TOKEN, PromptSet, check_body, fill, get_prompts
 from e5v.remote import RemotePolicy
 
-__all__ = ["DEFAULT_MODEL", "E5VEmbedder"]
+__all__ = ["DEFAULT_MODEL", "E5VEmbedder", "Prepared"]
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,24 @@ DEFAULT_MAX_TEXT_TOKENS = 2048
 class _Prepared:
     keys: list[tuple[Any, ...]]  # unique request keys of the batch, in order
     encoded: list[runner.Encoded]
+
+
+@dataclass(frozen=True, eq=False)
+class Prepared:
+    """One item made ready for the model by :meth:`E5VEmbedder.prepare`: its prompt
+    tokenised (text cut to ``max_text_tokens``), its images decoded and tiled; or its
+    vector, found in the embedding cache.
+
+    ``key`` identifies the content with its prompt (equal keys embed to equal vectors),
+    ``tokens`` is the prompt's length as embedded (image features included), ``pixels``
+    the decoded images' pixel count, ``cache_key`` where the vector goes in the cache."""
+
+    key: tuple[Any, ...]
+    tokens: int
+    encoded: runner.Encoded | None = None
+    pixels: int = 0
+    cache_key: str | None = None
+    vector: np.ndarray | None = None
 
 
 class E5VEmbedder:
@@ -170,6 +189,8 @@ class E5VEmbedder:
         self.prepare_ahead = self._loaded.input_device.type != "cpu" if prepare_ahead is None else prepare_ahead
         self._images = ImageLoader(max_image_pixels=max_image_pixels, allow_remote=allow_remote)
         self.cache = cache if isinstance(cache, EmbeddingCache) or cache is None else EmbeddingCache(cache)
+        self._tokenizing = threading.Lock()  # prepare() may run on several threads; the tokenizer on one at a time
+        self._text_cap: int | None = None
         self._identity = "|".join(
             str(part)
             for part in (
@@ -200,6 +221,11 @@ class E5VEmbedder:
     def max_image_pixels(self) -> int:
         """Images with more pixels are refused (decompression bombs)."""
         return self._images.max_image_pixels
+
+    def peek_image_size(self, image: object) -> tuple[int, int] | None:
+        """``(height, width)`` of an image-like from its header, without decoding it
+        (``None`` for a URL or an unreadable input: loading it says what is wrong)."""
+        return self._images.peek_size(image)
 
     @property
     def revision(self) -> str | None:
@@ -280,6 +306,56 @@ class E5VEmbedder:
         image features included; an image whose header gives no size counts as the grid's largest)."""
         return self._token_bounds(requests, bodies, truncate=True)
 
+    def prepare(self, request: Request, bodies: dict[str, str]) -> Prepared:
+        """Make one checked request ready for the model, off the model's thread (``e5v
+        serve`` runs it on its preparing threads): text cut to ``max_text_tokens`` (first
+        cheaply by characters, then by tokens), images decoded once and tiled, the prompt
+        tokenised. An item the embedding cache holds comes back with its ``vector``.
+        Raises :class:`~e5v.errors.InvalidInputError` naming ``request.index``."""
+        cache_key = self._cache_key(request, bodies) if self.cache is not None else None
+        key = (self._prompt(request, bodies, cut=True), *(content_key(image) for image in request.images))
+        if cache_key is not None and self.cache is not None:
+            vector = self.cache.get(cache_key, self.dimension)
+            if vector is not None:
+                with self._tokenizing:
+                    [tokens] = self._token_bounds([request], bodies, truncate=True)
+                return Prepared(key, tokens, cache_key=cache_key, vector=vector)
+        images = [self._images.load(image, request.index) for image in request.images]
+        pixels = sum(image.width * image.height for image in images)
+        processed = runner.process_images(self._loaded, images, max_image_tiles=self.max_image_tiles)
+        del images
+        with self._tokenizing:
+            prompt = self._prompt(request, bodies, truncate=True)
+            [encoded] = runner.tokenize(self._loaded, [prompt], [processed])
+        return Prepared(key, encoded.length, encoded, pixels, cache_key)
+
+    def embed_prepared(self, items: Sequence[Prepared]) -> np.ndarray:
+        """One vector per prepared item, in order: equal keys embedded once, the rest in
+        token-budgeted batches, new vectors put in the cache. Runs the model on the
+        calling thread; ``e5v serve``'s scheduler calls it with each round."""
+        out = np.empty((len(items), self.dimension), dtype=np.float32)
+        first_of: dict[tuple[Any, ...], Prepared] = {}
+        rows_of: dict[tuple[Any, ...], list[int]] = {}
+        for row, item in enumerate(items):
+            if item.vector is not None:
+                out[row] = item.vector
+                continue
+            first_of.setdefault(item.key, item)
+            rows_of.setdefault(item.key, []).append(row)
+        unique = list(first_of.values())
+        for batch in plan_batches(
+            [item.tokens for item in unique], max_items=self.batch_size, max_tokens=self.max_batch_tokens
+        ):
+            encoded = [unique[i].encoded for i in batch]
+            if any(one is None for one in encoded):
+                raise ValueError("a prepared item without its encoding or vector")
+            vectors = self._forward(encoded)  # type: ignore[arg-type]
+            for i, vector in zip(batch, vectors):
+                out[rows_of[unique[i].key]] = vector
+                if self.cache is not None and unique[i].cache_key is not None:
+                    self.cache.put(unique[i].cache_key, vector)  # type: ignore[arg-type]
+        return out
+
     def similarity(self, a: Any, b: Any) -> float:
         """Cosine similarity of two inputs of any kind (as in :meth:`embed`)."""
         first, second = self.embed([a, b])
@@ -355,12 +431,10 @@ class E5VEmbedder:
         their cache keys (uncacheable ones, such as remote URLs, get none)."""
         missing = []
         for request in unique:
-            digests = [image_digest(image) for image in request.images]
-            if any(digest is None for digest in digests):
+            key = self._cache_key(request, bodies)
+            if key is None:
                 missing.append(request)
                 continue
-            prompt = self._prompt(request, bodies)
-            key = entry_key(self._identity, prompt, [d for d in digests if d is not None])
             vector = cache.get(key, self.dimension)
             if vector is None:
                 cache_keys[request.key()] = key
@@ -371,6 +445,13 @@ class E5VEmbedder:
                 progress(len(rows))
         logger.debug("embedding cache: %d of %d unique items found", len(unique) - len(missing), len(unique))
         return missing
+
+    def _cache_key(self, request: Request, bodies: dict[str, str]) -> str | None:
+        """The request's key in the embedding cache; ``None`` for an uncacheable one (a remote URL)."""
+        digests = [image_digest(image) for image in request.images]
+        if any(digest is None for digest in digests):
+            return None
+        return entry_key(self._identity, self._prompt(request, bodies), [d for d in digests if d is not None])
 
     def _token_bounds(
         self, requests: Sequence[Request], bodies: dict[str, str], *, truncate: bool = False
@@ -384,7 +465,7 @@ class E5VEmbedder:
         largest = runner.max_image_token_count(self._loaded, grid)
         bounds = []
         for chunk in chunked(requests, _TOKENIZE_CHUNK):
-            prompts = [self._prompt(request, bodies, truncate=truncate, warn=False) for request in chunk]
+            prompts = [self._prompt(request, bodies, truncate=truncate, cut=True, warn=False) for request in chunk]
             for request, ids in zip(chunk, tokenizer(prompts)["input_ids"]):
                 count = len(ids)
                 for image in request.images:
@@ -481,31 +562,61 @@ class E5VEmbedder:
         prompts = [self._prompt(request, bodies, truncate=True) for request in requests]
         return _Prepared([request.key() for request in requests], runner.tokenize(self._loaded, prompts, pixels))
 
-    def _prompt(self, request: Request, bodies: dict[str, str], *, truncate: bool = False, warn: bool = True) -> str:
+    def _prompt(
+        self, request: Request, bodies: dict[str, str], *, truncate: bool = False, cut: bool = False, warn: bool = True
+    ) -> str:
         """The request's full prompt (an image's text is empty); with ``truncate`` its text
-        cut to ``max_text_tokens``, as embedded (planning and cache keys use it whole)."""
-        text = self._truncate(request.text, request.index, warn) if truncate else request.text
+        cut to ``max_text_tokens``, as embedded; with ``cut`` only cheaply, by characters
+        (:meth:`_cut`: what planning and keys need); cache keys use it whole."""
+        if truncate:
+            text = self._truncate(request.text, request.index, warn)
+        else:
+            text = self._cut(request.text) if cut else request.text
         return self.prompts.wrap(fill(bodies[request.kind], text))
 
+    @property
+    def max_text_chars(self) -> int:
+        """Characters of a text (between image slots) that can hold ``max_text_tokens``
+        tokens at most: ``max_text_tokens`` times the longest token of the vocabulary."""
+        if self._text_cap is None:
+            vocabulary = self._loaded.processor.tokenizer.get_vocab()
+            self._text_cap = self.max_text_tokens * max((len(token) for token in vocabulary), default=1)
+        return self._text_cap
+
+    def _cut(self, text: str) -> str:
+        """``text`` with each piece between image slots cut to :attr:`max_text_chars`: a
+        longer piece has more than ``max_text_tokens`` tokens (no token covers more
+        characters than its own length), so the cut never shortens a text the model takes
+        whole, and bounds what the tokenizer is given."""
+        if len(text) <= self.max_text_chars:
+            return text
+        return IMAGE_TOKEN.join(piece[: self.max_text_chars] for piece in text.split(IMAGE_TOKEN))
+
     def _truncate(self, text: str, index: int, warn: bool = True) -> str:
-        """Cut text longer than ``max_text_tokens`` tokens (image slots excepted)."""
+        """Cut text longer than ``max_text_tokens`` tokens (image slots excepted), after
+        the cheap cut by characters (:meth:`_cut`), so the tokenizer never sees more than
+        :attr:`max_text_chars` characters a piece."""
         if len(text.encode("utf-8")) <= self.max_text_tokens:
             return text  # a byte-level token covers at least one byte
         tokenizer = self._loaded.processor.tokenizer
-        pieces = text.split(IMAGE_TOKEN)
-        counts = [len(tokenizer(piece, add_special_tokens=False)["input_ids"]) for piece in pieces]
+        whole = len(text)
+        pieces = self._cut(text).split(IMAGE_TOKEN)
+        ids = [tokenizer(piece, add_special_tokens=False)["input_ids"] for piece in pieces]
+        counts = [len(piece_ids) for piece_ids in ids]
         if sum(counts) <= self.max_text_tokens:
             return text
         if warn:
-            logger.warning(
-                "item %d: text of %d tokens cut to max_text_tokens=%d", index, sum(counts), self.max_text_tokens
+            more = (
+                f"more than {sum(counts)}"
+                if sum(len(piece) for piece in pieces) + len(pieces) - 1 < whole
+                else sum(counts)
             )
+            logger.warning("item %d: text of %s tokens cut to max_text_tokens=%d", index, more, self.max_text_tokens)
         budget = self.max_text_tokens
         kept = []
-        for piece, count in zip(pieces, counts):
-            ids = tokenizer(piece, add_special_tokens=False)["input_ids"][: max(budget, 0)]
-            kept.append(tokenizer.decode(ids) if count > budget else piece)
-            budget -= min(count, budget)
+        for piece, piece_ids in zip(pieces, ids):
+            kept.append(tokenizer.decode(piece_ids[:budget]) if len(piece_ids) > budget else piece)
+            budget -= min(len(piece_ids), budget)
         return IMAGE_TOKEN.join(kept)
 
     def _forward(self, batch: list[runner.Encoded]) -> np.ndarray:

@@ -29,9 +29,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from e5v.embedder import E5VEmbedder
 from e5v.errors import E5VError, InvalidInputError
-from e5v.inputs import ImageLoader
 from e5v.prompts import PRESETS
-from e5v.scheduler import Embedded, QueueFullError, RoundStats, Scheduler
+from e5v.scheduler import (
+    DEFAULT_MAX_REQUEST_PIXELS,
+    Embedded,
+    QueueFullError,
+    RequestTooLargeError,
+    RoundStats,
+    Scheduler,
+)
 from e5v.server.metrics import Metrics
 from e5v.server.schemas import EmbeddingRequest, RequestError, parse_items
 
@@ -54,6 +60,7 @@ class ServerConfig:
     max_client_batch_size: int = 256
     payload_limit: int = 16 * 1024 * 1024
     max_queued_items: int = 4096
+    max_request_pixels: int = DEFAULT_MAX_REQUEST_PIXELS
     allow_remote_images: bool = False
     batching: bool = True
     store: Store | None = None  # with a collection: the search endpoints and the page at /
@@ -87,7 +94,12 @@ def create_app(config: ServerConfig) -> FastAPI:
             logger.error("the model failed to load: %s", state.failure)
             return
         scheduler = Scheduler(
-            embedder, batching=config.batching, max_queued_items=config.max_queued_items, on_round=record, thread=False
+            embedder,
+            batching=config.batching,
+            max_queued_items=config.max_queued_items,
+            max_request_pixels=config.max_request_pixels,
+            on_round=record,
+            thread=False,
         )
         state.scheduler, state.embedder = scheduler, embedder
         logger.info("ready: %s (%d-d) on %s", embedder.model_name, embedder.dimension, embedder.device)
@@ -162,6 +174,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             "max_client_batch_size": config.max_client_batch_size,
             "payload_limit": config.payload_limit,
             "max_queued_items": config.max_queued_items,
+            "max_request_pixels": config.max_request_pixels,
             "allow_remote_images": config.allow_remote_images,
             "cross_request_batching": config.batching,
             "prompt_presets": sorted(PRESETS),
@@ -218,12 +231,12 @@ def create_app(config: ServerConfig) -> FastAPI:
             body = await _read_json(request, config.payload_limit)
             embedder, scheduler = embedder_or_503()
             requests, bodies, encoding = _checked(body, config, embedder)
-            if any(item.images for item in requests):
-                await asyncio.to_thread(_check_images, requests, embedder)
             try:
                 future = scheduler.submit(requests, bodies)
             except QueueFullError as exc:
                 raise RequestError(429, str(exc), kind="rate_limit_error") from None
+            except RequestTooLargeError as exc:
+                raise RequestError(413, str(exc), param="input") from None
             result = await _wait(asyncio.wrap_future(future), future, request)
             if result is None:
                 return Response(status_code=499)  # the client has gone: nothing to send
@@ -337,18 +350,6 @@ def _checked(
     return requests, embedder.prompt_bodies(preset), encoding
 
 
-def _check_images(requests: list[Any], embedder: E5VEmbedder) -> None:
-    """Decode every inline image once, so that a bad one is refused before it is queued."""
-    loader = ImageLoader(max_image_pixels=embedder.max_image_pixels)
-    for request in requests:
-        for image in request.images:
-            if isinstance(image, bytes):
-                try:
-                    loader.load(image, request.index)
-                except InvalidInputError as exc:
-                    raise RequestError(400, str(exc), param="input") from None
-
-
 async def _wait(waiting: asyncio.Future[Embedded], future: Any, request: Request) -> Embedded | None:
     """The job's result; ``None`` (and the job dropped) if the client disconnects first.
 
@@ -370,6 +371,8 @@ async def _wait(waiting: asyncio.Future[Embedded], future: Any, request: Request
         return waiting.result()
     except InvalidInputError as exc:
         raise RequestError(400, str(exc), param="input") from None
+    except RequestTooLargeError as exc:
+        raise RequestError(413, str(exc), param="input") from None
     except E5VError as exc:
         raise RequestError(500, str(exc), kind="server_error") from None
 

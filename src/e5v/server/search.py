@@ -29,9 +29,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from e5v.embedder import E5VEmbedder
 from e5v.errors import E5VError, InvalidInputError
-from e5v.inputs import ImageLoader, check_text, composed_request, decode_data_uri, image_request, text_request
 from e5v.inputs import Request as Item
-from e5v.scheduler import QueueFullError, Scheduler
+from e5v.inputs import check_text, composed_request, decode_data_uri, image_request, text_request
+from e5v.scheduler import QueueFullError, RequestTooLargeError, Scheduler
 from e5v.server.metrics import Metrics
 from e5v.server.page import add_page
 from e5v.server.schemas import RequestError
@@ -181,7 +181,7 @@ def add_search(
             exclude = (query.like,)
         else:
             embedder, scheduler = ready()
-            item = await _item(query, embedder)
+            item = _item(query)
             what = item.kind  # type: ignore[assignment]
             vector = await _embed(item, embedder, scheduler, metrics)
         found = await stored(store.nearest, vector, query.k, query.kind, exclude)
@@ -227,8 +227,8 @@ def _parsed(body: dict[str, Any]) -> SearchRequest:
     return query.model_copy(update={"text": text})
 
 
-async def _item(query: SearchRequest, embedder: E5VEmbedder) -> Item:
-    """The query as one request to embed; a bad image is refused here, before it is queued."""
+def _item(query: SearchRequest) -> Item:
+    """The query as one request to embed (its image is decoded once, when it is prepared)."""
     try:
         text = None if query.text is None else check_text(query.text, 0)
     except InvalidInputError as exc:
@@ -237,7 +237,6 @@ async def _item(query: SearchRequest, embedder: E5VEmbedder) -> Item:
         return text_request(text, 0)
     try:
         image = _image_bytes(query.image)
-        await asyncio.to_thread(ImageLoader(max_image_pixels=embedder.max_image_pixels).load, image, 0)
     except InvalidInputError as exc:
         raise RequestError(400, f"image: {exc.reason}", param="image") from None
     return image_request(image, 0) if text is None else composed_request(image, text, 0)
@@ -261,15 +260,26 @@ async def _embed(item: Item, embedder: E5VEmbedder, scheduler: Scheduler, metric
         future = scheduler.submit([item], embedder.prompt_bodies())
     except QueueFullError as exc:
         raise RequestError(429, str(exc), kind="rate_limit_error") from None
+    except RequestTooLargeError:
+        raise RequestError(413, _too_many_pixels(scheduler), param="image") from None
     try:
         result = await asyncio.wrap_future(future)
     except InvalidInputError as exc:
-        raise RequestError(400, exc.reason) from None
+        field = "image" if item.images else "text"
+        raise RequestError(400, f"{field}: {exc.reason}", param=field) from None
+    except RequestTooLargeError:
+        raise RequestError(413, _too_many_pixels(scheduler), param="image") from None
     except E5VError as exc:
         raise RequestError(500, str(exc), kind="server_error") from None
     metrics.items.labels(item.kind).inc()
     metrics.tokens.inc(sum(result.tokens))
     return result.vectors[0]
+
+
+def _too_many_pixels(scheduler: Scheduler) -> str:
+    return (
+        f"image: it holds more pixels than the server's limit of {scheduler.max_request_pixels} a request; downscale it"
+    )
 
 
 def _hit(rank: int, row: StoredRecord) -> SearchHit:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -320,10 +321,7 @@ class E5VEmbedder:
                 with self._tokenizing:
                     [tokens] = self._token_bounds([request], bodies, truncate=True)
                 return Prepared(key, tokens, cache_key=cache_key, vector=vector)
-        images = [self._images.load(image, request.index) for image in request.images]
-        pixels = sum(image.width * image.height for image in images)
-        processed = runner.process_images(self._loaded, images, max_image_tiles=self.max_image_tiles)
-        del images
+        processed, pixels = self._pixels(request)
         with self._tokenizing:
             prompt = self._prompt(request, bodies, truncate=True)
             [encoded] = runner.tokenize(self._loaded, [prompt], [processed])
@@ -551,9 +549,7 @@ class E5VEmbedder:
         decoding = threading.Lock()
 
         def pixels_of(request: Request) -> runner.Pixels | None:
-            with decoding:
-                images = [self._images.load(image, request.index) for image in request.images]
-            return runner.process_images(self._loaded, images, max_image_tiles=self.max_image_tiles)
+            return self._pixels(request, decoding)[0]
 
         if image_pool is not None:
             pixels = list(image_pool.map(pixels_of, requests))
@@ -561,6 +557,14 @@ class E5VEmbedder:
             pixels = [pixels_of(request) for request in requests]
         prompts = [self._prompt(request, bodies, truncate=True) for request in requests]
         return _Prepared([request.key() for request in requests], runner.tokenize(self._loaded, prompts, pixels))
+
+    def _pixels(self, request: Request, decoding: threading.Lock | None = None) -> tuple[runner.Pixels | None, int]:
+        """The request's images decoded (under ``decoding``, if given) and processed, and
+        their decoded pixel count."""
+        with decoding or contextlib.nullcontext():
+            images = [self._images.load(image, request.index) for image in request.images]
+        pixels = sum(image.width * image.height for image in images)
+        return runner.process_images(self._loaded, images, max_image_tiles=self.max_image_tiles), pixels
 
     def _prompt(
         self, request: Request, bodies: dict[str, str], *, truncate: bool = False, cut: bool = False, warn: bool = True

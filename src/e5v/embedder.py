@@ -292,12 +292,6 @@ class E5VEmbedder:
         prompt_set = self.prompts if prompts is None else get_prompts(prompts)
         return self._run(requests, _bodies_of(prompt_set), **options)
 
-    def embed_requests(self, requests: list[Request], bodies: dict[str, str]) -> np.ndarray:
-        """The pipeline behind every ``embed*`` method: checked requests (``e5v.inputs``,
-        ``request.index`` naming each in errors) and prompt bodies in, one vector each out.
-        The scheduler of ``e5v serve`` calls it with the items of many requests."""
-        return self._run(requests, bodies)
-
     def prompt_bodies(self, prompts: str | PromptSet | None = None) -> dict[str, str]:
         """The prompt bodies by input kind of a preset name or set (``None``: the embedder's)."""
         return _bodies_of(self.prompts if prompts is None else get_prompts(prompts))

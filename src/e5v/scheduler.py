@@ -7,14 +7,16 @@ stages, each served in turn across the jobs waiting:
 1. **Preparing**, on the scheduler's preparing threads, never the model's: each item is
    bounded and made ready by :meth:`~e5v.embedder.E5VEmbedder.prepare` (text cut to what
    the model takes, images decoded once and tiled, the prompt tokenised), one chunk of
-   each job in turn: its next items, up to a round's worth, ending after an item with
-   images or once the chunk's text reaches ``max_text_chars`` characters (so a chunk costs
-   at most about one image or one longest text). A job's decoded pixels count against
+   each job in turn: its next items, ending after an item with images or once the chunk's
+   text reaches ``max_text_chars`` characters (so a chunk costs at most about one image
+   or one longest text, and a request of short texts is one chunk). A job's decoded pixels count against
    ``max_request_pixels``. Chunks are prepared at most ``max_prepared_tokens`` ahead of the
    model, except that a job with nothing prepared or being prepared may always prepare one
    (so a new job never waits behind a full look-ahead).
 2. **Rounds**, on the model's thread: a round is dealt from the jobs with prepared items
-   in turn, one item each, oldest job first, again and again until the round holds
+   in turn, one item each (a job's longest prepared item first, so that a large job's
+   rounds are of like lengths, as one call's batches are), oldest job first, again and
+   again until the round holds
    ``max_round_tokens`` tokens or ``max_round_items`` items (an item that does not fit
    is left for a later round while smaller ones still may); the jobs served go to the back
    of the turn. The round is one call of :meth:`~e5v.embedder.E5VEmbedder.embed_prepared`.
@@ -29,6 +31,7 @@ A bad item fails its own job only, before it reaches the model.
 
 from __future__ import annotations
 
+import bisect
 import logging
 import threading
 import time
@@ -106,7 +109,7 @@ class _Job:
     tokens: list[int] = field(default_factory=list)
     next_item: int = 0  # the next request to prepare
     preparing: int = 0  # items being prepared now
-    ready: deque[tuple[int, Prepared]] = field(default_factory=deque)
+    ready: list[tuple[int, Prepared]] = field(default_factory=list)  # longest first
     done: int = 0
     pixels: int = 0
     ended: bool = False
@@ -271,7 +274,7 @@ class Scheduler:
         """Take the job's next items to prepare together (module docstring)."""
         chunk: list[int] = []
         characters = 0
-        while job.unprepared and len(chunk) < self.max_round_items:
+        while job.unprepared:
             request = job.requests[job.next_item]
             chunk.append(job.next_item)
             job.next_item += 1
@@ -302,7 +305,7 @@ class Scheduler:
                         job.done += 1
                         self._queued_items -= 1
                     else:
-                        job.ready.append((index, item))
+                        bisect.insort(job.ready, (index, item), key=lambda pair: (-pair[1].tokens, pair[0]))
                         self._prepared_tokens += item.tokens
                 if job.ready and job not in self._to_embed:
                     self._to_embed.append(job)
@@ -347,7 +350,7 @@ class Scheduler:
                     index, item = job.ready[0]
                     if dealt and self.max_round_tokens is not None and tokens + item.tokens > self.max_round_tokens:
                         continue  # left for a later round; a smaller item of another job may still fit
-                    job.ready.popleft()
+                    job.ready.pop(0)
                     dealt.append((job, index, item))
                     tokens += item.tokens
                     dealing = True

@@ -5,8 +5,9 @@ Only ``http`` and ``https`` are fetched; redirects are followed only to ``http``
 most ``max_redirects`` of them, each checked like the first.
 
 How the address rule holds against DNS rebinding: the fetch runs on an httpcore connection pool
-(httpx's own engine, through its public network-backend interface) whose backend resolves the host
-once per connection, refuses the connection if any address is not public (unless
+(httpx's own engine; httpx's transport does not take a network backend, httpcore's pool does,
+publicly) with URLs parsed and joined by httpx. The pool's network backend resolves the host once
+per connection, refuses the connection if any address is not public (unless
 ``allow_private=True``) and connects to exactly the address it checked. The request still names the
 host, so the ``Host`` header, TLS SNI and certificate verification all use the URL's host name.
 No proxy is used: a proxy would resolve the name itself and the check would not hold.
@@ -205,48 +206,54 @@ def fetch(url: str, policy: RemotePolicy) -> bytes:
     """Download ``url`` under ``policy``; raise :class:`InvalidInputError` on any rule or I/O failure."""
     backend = _CheckedBackend(policy, _Deadline(policy.timeout))
     where = _shown(url)  # the URL being fetched, as messages quote it
+    target = _parse(url, where)
+    with httpcore.ConnectionPool(ssl_context=_tls_context(), network_backend=backend) as pool:
+        for redirects in range(policy.max_redirects + 1):
+            location, data = _get(pool, target, where, policy)
+            if location is None:
+                logger.debug("fetched %d bytes from %s", len(data), where)
+                return data
+            if redirects == policy.max_redirects:
+                break
+            try:
+                joined = str(target.join(location))
+            except httpx.InvalidURL as exc:
+                raise InvalidInputError(f"{where} redirects to an invalid URL ({exc})") from None
+            where = f"{_shown(joined)} (a redirect from {_shown(url)})"
+            target = _parse(joined, where)
+    raise InvalidInputError(
+        f"{_shown(url)} redirects more than {policy.max_redirects} times; refused "
+        "(RemotePolicy.max_redirects bounds them)"
+    )
+
+
+def _get(
+    pool: httpcore.ConnectionPool, target: httpx.URL, where: str, policy: RemotePolicy
+) -> tuple[str | None, bytes]:
+    """One request: a redirect's ``Location`` and no body, or ``None`` and the body of a final answer."""
+    url = httpcore.URL(scheme=target.raw_scheme, host=target.raw_host, port=target.port, target=target.raw_path)
+    headers = [(b"Host", target.netloc), (b"User-Agent", b"e5v"), (b"Accept-Encoding", b"identity")]
+    # Each step's timeout; the backend cuts every one to the time left.
+    timeouts = dict.fromkeys(("connect", "read", "write", "pool"), policy.timeout)
     try:
-        with httpcore.ConnectionPool(ssl_context=_tls_context(), network_backend=backend) as pool:
-            target = _parse(url, where)
-            for redirects in range(policy.max_redirects + 1):
-                with pool.stream(
-                    "GET",
-                    httpcore.URL(
-                        scheme=target.raw_scheme, host=target.raw_host, port=target.port, target=target.raw_path
-                    ),
-                    headers=[(b"Host", target.netloc), (b"User-Agent", b"e5v"), (b"Accept-Encoding", b"identity")],
-                    extensions={"timeout": dict.fromkeys(("connect", "read", "write", "pool"), policy.timeout)},
-                ) as response:
-                    headers = httpx.Headers(response.headers)
-                    if response.status not in _REDIRECTS:
-                        data = _body(response, headers, where, policy.max_bytes)
-                        break
-                    location = headers.get("Location")
-                    if not location:
-                        raise InvalidInputError(f"{where} answered HTTP {response.status} without a Location to follow")
-                    if redirects == policy.max_redirects:
-                        raise InvalidInputError(
-                            f"{_shown(url)} redirects more than {policy.max_redirects} times; refused "
-                            "(RemotePolicy.max_redirects bounds them)"
-                        )
-                    try:
-                        joined = str(target.join(location))
-                    except httpx.InvalidURL as exc:
-                        raise InvalidInputError(f"{where} redirects to an invalid URL ({exc})") from None
-                    where = f"{_shown(joined)} (a redirect from {_shown(url)})"
-                    target = _parse(joined, where)
+        with pool.stream("GET", url, headers=headers, extensions={"timeout": timeouts}) as response:
+            answer = httpx.Headers(response.headers)
+            if response.status not in _REDIRECTS:
+                return None, _body(response, answer, where, policy.max_bytes)
+            location = answer.get("Location")
+            if not location:
+                raise InvalidInputError(f"{where} answered HTTP {response.status} without a Location to follow")
+            return location, b""
     except _Refused as exc:
         raise InvalidInputError(f"URL {where} {exc}") from None
     except (_OutOfTime, httpcore.TimeoutException):
         raise InvalidInputError(
-            f"fetching {_shown(url)} took longer than {policy.timeout:g} s (RemotePolicy.timeout); "
+            f"fetching {where} took longer than {policy.timeout:g} s (RemotePolicy.timeout); "
             "the server is too slow or the image too large"
         ) from None
     except (httpcore.NetworkError, httpcore.ProtocolError, httpcore.UnsupportedProtocol, OSError) as exc:
         detail = str(exc) or type(exc).__name__
         raise InvalidInputError(f"cannot fetch {where} ({detail[:200]})") from None
-    logger.debug("fetched %d bytes from %s", len(data), where)
-    return data
 
 
 def _parse(url: str, where: str) -> httpx.URL:

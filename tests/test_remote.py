@@ -141,7 +141,8 @@ def server(port: int) -> str:
 
 @dataclass
 class Resolver:
-    """Answers for ``*.test`` names: each lookup takes the next answer (the last one repeats)."""
+    """Answers for ``*.test`` names: each lookup takes the next answer (the last one repeats); an answer
+    of several addresses separates them by spaces."""
 
     answers: dict[str, list[str]] = field(default_factory=dict)
     delay: float = 0.0
@@ -161,8 +162,8 @@ def resolver(monkeypatch: pytest.MonkeyPatch) -> Resolver:
         queue = fake.answers.get(host)
         if not queue:
             raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
-        address = queue.pop(0) if len(queue) > 1 else queue[0]
-        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (address, port))]
+        answer = queue.pop(0) if len(queue) > 1 else queue[0]
+        return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (a, port)) for a in answer.split()]
 
     monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
     return fake
@@ -212,6 +213,12 @@ def test_one_lookup_and_the_connection_goes_to_the_checked_address(port, resolve
     resolver.answers["rebind.test"] = ["127.0.0.1", "127.0.0.3"]
     assert fetch(f"http://rebind.test:{port}/host", RemotePolicy(timeout=5.0)) == f"rebind.test:{port}".encode()
     assert resolver.lookups == ["rebind.test"]
+
+
+def test_an_address_that_refuses_gives_way_to_the_next_checked_one(port, resolver):
+    resolver.answers["two.test"] = ["127.0.0.3 127.0.0.1", "127.0.0.4"]  # nothing listens on 127.0.0.3
+    assert fetch(f"http://two.test:{port}/host", LOCAL) == f"two.test:{port}".encode()
+    assert resolver.lookups == ["two.test"]
 
 
 def test_a_redirect_to_a_private_address_is_refused(port, resolver, loopback_is_public):

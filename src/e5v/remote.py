@@ -141,18 +141,25 @@ class _CheckedBackend(httpcore.SyncBackend):
                         f"resolves to the non-public address {address}; refused "
                         "(pass RemotePolicy(allow_private=True) to fetch from private networks)"
                     )
-        failure: httpcore.ConnectError | None = None
-        for address in addresses:  # each is a literal address: connecting to it looks nothing up
+        # Each is a literal address, so connecting to it looks nothing up; a refused or unreachable one
+        # gives way to the next checked address.
+        for address in addresses[:-1]:
             try:
-                stream = super().connect_tcp(
-                    str(address), port, self._deadline.left(timeout), local_address, socket_options
-                )
-            except httpcore.ConnectError as exc:  # refused or unreachable: try the next checked address
-                failure = exc
+                return self._connect(address, port, timeout, local_address, socket_options)
+            except httpcore.ConnectError:
                 continue
-            return _DeadlineStream(stream, self._deadline)
-        assert failure is not None  # _resolve returns at least one address
-        raise failure
+        return self._connect(addresses[-1], port, timeout, local_address, socket_options)
+
+    def _connect(
+        self,
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+        port: int,
+        timeout: float | None,
+        local_address: str | None,
+        socket_options: Iterable[Any] | None,
+    ) -> httpcore.NetworkStream:
+        stream = super().connect_tcp(str(address), port, self._deadline.left(timeout), local_address, socket_options)
+        return _DeadlineStream(stream, self._deadline)
 
 
 def _resolve(host: str, port: int, deadline: _Deadline) -> list[ipaddress.IPv4Address | ipaddress.IPv6Address]:

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import os
 from collections.abc import Callable
 from functools import partial
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from e5v.cli.common import add_model_options, positive
@@ -32,9 +32,22 @@ With --db, the collection made by `e5v index` is served too, with its own model:
 a search page at / (text, image, or both: a composed query; "more like this";
 thumbnails), and POST /v1/search, GET /v1/records/ID/thumbnail, GET /v1/collection.
 
-Keys: --api-key (repeatable) or ${API_KEY_VARIABLE} (comma-separated); with any, /v1/*
-needs "Authorization: Bearer KEY" (the page asks for it). The server binds to
-127.0.0.1 unless --host says; with --db, another --host needs a key.
+Keys: --api-key (repeatable), --api-key-file (one a line) or ${API_KEY_VARIABLE}
+(comma-separated); with any, /v1/* needs "Authorization: Bearer KEY" (the page asks for
+it). An empty key, file or variable is refused at start. The server binds to 127.0.0.1
+unless --host says; with --db, another --host needs a key.
+
+Host check: bound to loopback without keys, the server answers only requests whose Host
+is localhost, 127.0.0.1 or [::1] (any port), so a web page cannot reach it through a
+rebinding domain; others get 421. --allowed-hosts adds names (and, given, applies the
+check on any bind). CORS is off (no Access-Control-* headers) unless --cors-origin.
+
+Slow clients: a request's body must arrive within --body-timeout (else 408, connection
+closed), its headers within --header-timeout of the connection opening or of the last
+answer (else the connection is closed); a request takes a --max-concurrent-requests slot
+only once its body is in. Connections over --max-connections are closed at once.
+SIGTERM stops taking connections, lets requests finish for --graceful-shutdown-timeout,
+then cancels the rest and exits.
 
 examples:
   e5v serve --model royokong/e5-v
@@ -76,7 +89,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="append",
         default=[],
         metavar="KEY",
-        help=f"accepted key (repeatable; or ${API_KEY_VARIABLE})",
+        help=f"accepted key (repeatable; or ${API_KEY_VARIABLE}, comma-separated); an empty one is refused",
+    )
+    http.add_argument(
+        "--api-key-file", metavar="PATH", default=None, help="read accepted keys from PATH, one a line (blank skipped)"
+    )
+    http.add_argument(
+        "--allowed-hosts",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="also answer this Host name (repeatable; default: loopback names only, when on loopback without keys)",
+    )
+    http.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="allow cross-origin requests from ORIGIN, e.g. https://app.example (repeatable; default: none)",
     )
     http.add_argument(
         "--max-concurrent-requests", type=positive, default=512, help="requests served at once; beyond: 429 (512)"
@@ -86,6 +116,41 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     http.add_argument(
         "--payload-limit", type=positive, default=16 * 1024 * 1024, help="bytes a request body; beyond: 413 (16 MiB)"
+    )
+    http.add_argument(
+        "--max-connections",
+        type=positive,
+        metavar="N",
+        default=1024,
+        help="open connections; beyond: closed at once (1024)",
+    )
+    http.add_argument(
+        "--body-timeout",
+        type=seconds,
+        metavar="SECONDS",
+        default=30.0,
+        help="seconds for a request body to arrive; then 408 (30)",
+    )
+    http.add_argument(
+        "--header-timeout",
+        type=seconds,
+        metavar="SECONDS",
+        default=10.0,
+        help="seconds for request headers to arrive, from connecting or the last answer; then closed (10)",
+    )
+    http.add_argument(
+        "--keep-alive-timeout",
+        type=seconds,
+        metavar="SECONDS",
+        default=5.0,
+        help="seconds an idle connection is kept open (5)",
+    )
+    http.add_argument(
+        "--graceful-shutdown-timeout",
+        type=seconds,
+        metavar="SECONDS",
+        default=10.0,
+        help="seconds SIGTERM waits for requests in flight before cancelling them and exiting (10)",
     )
     http.add_argument(
         "--allow-remote-images",
@@ -111,9 +176,10 @@ def run(args: argparse.Namespace) -> int:
     from e5v.errors import ConfigurationError
     from e5v.memory import keep_freed_memory
     from e5v.server.app import ServerConfig, create_app
+    from e5v.server.http import allowed_hosts, bounded_protocol, loopback
 
-    keys = [*args.api_key, *(key.strip() for key in os.environ.get(API_KEY_VARIABLE, "").split(",") if key.strip())]
-    if args.db is not None and not keys and not _loopback(args.host):
+    keys = _keys(args)
+    if args.db is not None and not keys and not loopback(args.host):
         raise ConfigurationError(
             f"--db serves the collection's files, so --host {args.host} needs a key: set --api-key KEY (or "
             f"${API_KEY_VARIABLE}), or leave --host at 127.0.0.1"
@@ -136,20 +202,66 @@ def run(args: argparse.Namespace) -> int:
         payload_limit=args.payload_limit,
         allow_remote_images=args.allow_remote_images,
         batching=args.batching,
+        body_timeout=args.body_timeout,
+        allowed_hosts=allowed_hosts(args.host, keyed=bool(keys), extra=args.allowed_hosts),
+        cors_origins=args.cors_origin,
     )
     keep_freed_memory()  # before the model loads: rounds reuse their memory
-    uvicorn.run(create_app(config), host=args.host, port=args.port, log_level="warning" if args.quiet else "info")
-    return 0
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(config),
+            host=args.host,
+            port=args.port,
+            http=bounded_protocol(header_timeout=args.header_timeout, max_connections=args.max_connections),
+            timeout_keep_alive=args.keep_alive_timeout,
+            timeout_graceful_shutdown=args.graceful_shutdown_timeout,
+            log_level="warning" if args.quiet else "info",
+        )
+    )
+    server.run()
+    return 0 if server.started else 1
 
 
-def _loopback(host: str) -> bool:
-    """Whether ``host`` is an address of this machine only."""
-    if host == "localhost":
-        return True
+def seconds(value: str) -> float:
+    """A positive number of seconds, or argparse's error."""
     try:
-        return ipaddress.ip_address(host).is_loopback
+        number = float(value)
     except ValueError:
-        return False
+        number = 0.0
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {value!r}")
+    return number
+
+
+def _keys(args: argparse.Namespace) -> list[str]:
+    """The keys of ``--api-key``, ``--api-key-file`` and ``$E5V_API_KEY``. Raises
+    :class:`~e5v.errors.ConfigurationError` for an empty key, or a file or variable holding none."""
+    from e5v.errors import ConfigurationError
+
+    keys = []
+    for key in args.api_key:
+        if not key.strip():
+            raise ConfigurationError("--api-key is empty; give a real key, or leave --api-key out for an open server")
+        keys.append(key.strip())
+    if args.api_key_file is not None:
+        try:
+            lines = Path(args.api_key_file).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigurationError(f"--api-key-file {args.api_key_file!r} cannot be read ({exc})") from None
+        found = [line.strip() for line in lines if line.strip()]
+        if not found:
+            raise ConfigurationError(f"--api-key-file {args.api_key_file!r} holds no key; write one key a line")
+        keys += found
+    variable = os.environ.get(API_KEY_VARIABLE)
+    if variable is not None:
+        found = [key.strip() for key in variable.split(",") if key.strip()]
+        if not found:
+            raise ConfigurationError(
+                f"${API_KEY_VARIABLE} is set but holds no key; set it to KEY (or KEY1,KEY2), or unset it for an "
+                "open server"
+            )
+        keys += found
+    return keys
 
 
 def _collection(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Store, str, Callable[[], E5VEmbedder]]:

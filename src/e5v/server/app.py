@@ -17,18 +17,20 @@ import json
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.middleware.cors import CORSMiddleware
 
 from e5v.embedder import E5VEmbedder
-from e5v.errors import E5VError, InvalidInputError
+from e5v.errors import ConfigurationError, E5VError, InvalidInputError
 from e5v.prompts import PRESETS
 from e5v.scheduler import (
     DEFAULT_MAX_REQUEST_PIXELS,
@@ -38,6 +40,7 @@ from e5v.scheduler import (
     RoundStats,
     Scheduler,
 )
+from e5v.server.http import CloseOn408, HostCheck
 from e5v.server.metrics import Metrics
 from e5v.server.schemas import EmbeddingRequest, RequestError, parse_items
 
@@ -64,6 +67,13 @@ class ServerConfig:
     allow_remote_images: bool = False
     batching: bool = True
     store: Store | None = None  # with a collection: the search endpoints and the page at /
+    body_timeout: float = 30.0  # seconds for a request's body to arrive; after: 408, connection closed
+    allowed_hosts: list[str] | None = None  # the Host names answered (any port); None: any (see e5v.server.http)
+    cors_origins: list[str] = field(default_factory=list)  # origins allowed cross-origin; none: CORS off
+
+    def __post_init__(self) -> None:
+        if any(not key.strip() for key in self.api_keys):
+            raise ConfigurationError("an API key is empty or whitespace; give real keys, or none for an open server")
 
 
 class _State:
@@ -118,6 +128,16 @@ def create_app(config: ServerConfig) -> FastAPI:
         lifespan=lifespan,
         docs_url="/docs",
     )
+    if config.cors_origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=config.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
+    app.add_middleware(CloseOn408)
+    if config.allowed_hosts is not None:
+        app.add_middleware(HostCheck, allowed=config.allowed_hosts)  # outermost: a foreign Host reaches nothing
 
     @app.exception_handler(RequestError)
     async def refused(_request: Request, exc: RequestError) -> JSONResponse:
@@ -138,10 +158,11 @@ def create_app(config: ServerConfig) -> FastAPI:
         if not config.api_keys:
             return
         scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        given = given.strip()
         matched = False
         for key in config.api_keys:  # every key compared, in constant time
-            matched |= hmac.compare_digest(given.strip().encode(), key.encode())
-        if scheme.lower() != "bearer" or not matched:
+            matched |= hmac.compare_digest(given.encode(), key.encode())
+        if scheme.lower() != "bearer" or not given or not matched:
             raise RequestError(
                 401, "missing or wrong API key; send Authorization: Bearer KEY", kind="authentication_error"
             )
@@ -216,8 +237,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             metrics.requests.labels(str(status)).inc()
             metrics.latency.observe(time.perf_counter() - started)
 
-    async def embed(request: Request) -> Response:
-        authorize(request)
+    def take_slot() -> None:
+        """Take one of the ``max_concurrent_requests`` slots, or answer 429 when none is free."""
         if state.in_flight >= config.max_concurrent_requests:
             raise RequestError(
                 429,
@@ -227,8 +248,25 @@ def create_app(config: ServerConfig) -> FastAPI:
             )
         state.in_flight += 1
         metrics.in_flight.inc()
+
+    def free_slot() -> None:
+        state.in_flight -= 1
+        metrics.in_flight.dec()
+
+    @contextmanager
+    def slot() -> Iterator[None]:
+        """Hold a slot for the block (a request whose body has arrived, while it is embedded)."""
+        take_slot()
         try:
-            body = await _read_json(request, config.payload_limit)
+            yield
+        finally:
+            free_slot()
+
+    async def embed(request: Request) -> Response:
+        authorize(request)
+        body = await _read_json(request, config.payload_limit, config.body_timeout)
+        take_slot()  # once the body is in: a slow or stalled body holds no slot
+        try:
             embedder, scheduler = embedder_or_503()
             requests, bodies, encoding = _checked(body, config, embedder)
             try:
@@ -245,8 +283,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             metrics.tokens.inc(sum(result.tokens))
             return _response(result, encoding, config.model_name)
         finally:
-            state.in_flight -= 1
-            metrics.in_flight.dec()
+            free_slot()
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
@@ -269,7 +306,8 @@ def create_app(config: ServerConfig) -> FastAPI:
             authorize=authorize,
             ready=embedder_or_503,
             loaded=lambda: state.embedder is not None,
-            read_json=_read_json,
+            read_json=partial(_read_json, timeout=config.body_timeout),
+            slot=slot,
             payload_limit=config.payload_limit,
             metrics=metrics,
         )
@@ -285,20 +323,33 @@ def _error(status: int, message: str, *, param: str | None = None, kind: str = "
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-async def _read_json(request: Request, limit: int) -> dict[str, Any]:
-    """The body as a JSON object, read no further than ``limit`` bytes (413 beyond)."""
+async def _read_json(request: Request, limit: int, timeout: float) -> dict[str, Any]:
+    """The body as a JSON object, read no further than ``limit`` bytes (413 beyond) and
+    within ``timeout`` seconds (408 after; the connection is then closed)."""
     too_large = RequestError(413, f"the request body is over the server's payload limit of {limit} bytes")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     try:
-        body = json.loads(b"".join(chunks))
+        raw = await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(
+            408,
+            f"the request body did not arrive within the server's body timeout of {timeout:g} s; send it at once "
+            "(or start the server with a longer --body-timeout)",
+        ) from None
+    try:
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"the request body is not valid JSON ({exc})") from None
     if not isinstance(body, dict):

@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import threading
 from collections.abc import Awaitable, Callable
+from contextlib import AbstractContextManager
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
@@ -109,12 +110,14 @@ def add_search(
     ready: Callable[[], tuple[E5VEmbedder, Scheduler]],
     loaded: Callable[[], bool],
     read_json: Callable[[Request, int], Awaitable[dict[str, Any]]],
+    slot: Callable[[], AbstractContextManager[None]],
     payload_limit: int,
     metrics: Metrics,
 ) -> None:
     """Add the search endpoints over ``store`` and the page to ``app``, reusing its key
     check (``authorize``), model (``ready``: the embedder and scheduler, else a 503),
-    body reader and metrics."""
+    body reader, concurrency slots (``slot``: held while a query is embedded, else a 429)
+    and metrics."""
     registry = metrics.registry
     searches = Counter("e5v_search_requests", "Search requests answered, by HTTP status", ["status"], registry=registry)
     generated = Counter("e5v_thumbnails_generated", "Thumbnails made from image files", registry=registry)
@@ -183,7 +186,8 @@ def add_search(
             embedder, scheduler = ready()
             item = _item(query)
             what = item.kind  # type: ignore[assignment]
-            vector = await _embed(item, embedder, scheduler, metrics)
+            with slot():
+                vector = await _embed(item, embedder, scheduler, metrics)
         found = await stored(store.nearest, vector, query.k, query.kind, exclude)
         return SearchResponse(query=what, hits=[_hit(rank, row) for rank, row in enumerate(found, 1)])
 

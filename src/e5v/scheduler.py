@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from e5v.defaults import DEFAULT_MAX_REQUEST_PIXELS
 from e5v.errors import E5VError, InvalidInputError
 from e5v.inputs import Request
 
@@ -64,8 +65,6 @@ logger = logging.getLogger(__name__)
 
 #: Items waiting (submitted, not yet embedded), at most; beyond it :meth:`Scheduler.submit` refuses jobs.
 DEFAULT_MAX_QUEUED_ITEMS = 4096
-#: Decoded pixels of one job's images, at most (about sixteen images at the default pixel cap).
-DEFAULT_MAX_REQUEST_PIXELS = 1 << 30
 #: Preparing threads (image decoding and tiling, tokenising), at most.
 DEFAULT_PREPARE_THREADS = 2
 #: Rounds' worth of tokens prepared ahead of the model, at most.

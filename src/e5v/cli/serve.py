@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from e5v.cli.common import add_model_options, positive
-from e5v.defaults import DEFAULT_MODEL
+from e5v.defaults import DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_MODEL
 
 if TYPE_CHECKING:
     from e5v.embedder import E5VEmbedder
@@ -118,6 +118,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--payload-limit", type=positive, default=16 * 1024 * 1024, help="bytes a request body; beyond: 413 (16 MiB)"
     )
     http.add_argument(
+        "--max-request-pixels",
+        type=positive,
+        metavar="N",
+        default=DEFAULT_MAX_REQUEST_PIXELS,
+        help=f"decoded pixels of a request's images; beyond: 413 ({DEFAULT_MAX_REQUEST_PIXELS})",
+    )
+    http.add_argument(
         "--max-connections",
         type=positive,
         metavar="N",
@@ -200,6 +207,7 @@ def run(args: argparse.Namespace) -> int:
         max_concurrent_requests=args.max_concurrent_requests,
         max_client_batch_size=args.max_client_batch_size,
         payload_limit=args.payload_limit,
+        max_request_pixels=args.max_request_pixels,
         allow_remote_images=args.allow_remote_images,
         batching=args.batching,
         body_timeout=args.body_timeout,

@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -177,6 +178,33 @@ def test_async_methods_equal_in_process(remote: E5VEmbeddings, embedder: E5VEmbe
     np.testing.assert_allclose(images, embedder.embed_images(image_paths[:4]), atol=1e-5)
     np.testing.assert_allclose(interleaved, embedder.embed_interleaved([[image_paths[3], "a launch"]]), atol=1e-5)
     np.testing.assert_allclose(composed, embedder.embed_composed([image_paths[0]], ["as a drawing"]), atol=1e-5)
+
+
+class NoThreads(ThreadPoolExecutor):
+    """An event loop's default executor that fails any work handed to a thread."""
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an async method ran the call on an executor thread")
+
+
+def test_async_texts_use_the_remote_embedders_async_calls(remote: E5VEmbeddings, embedder: E5VEmbedder) -> None:
+    async def embed() -> tuple[Any, ...]:
+        asyncio.get_running_loop().set_default_executor(NoThreads(max_workers=1))
+        return await remote.aembed_documents(TEXTS), await remote.aembed_query(TEXTS[3])
+
+    documents, query = asyncio.run(embed())
+    np.testing.assert_allclose(documents, embedder.embed_texts(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(query, embedder.embed_texts([TEXTS[3]])[0], atol=1e-5)
+    assert all(type(x) is float for x in query)
+
+
+def test_async_errors_name_the_bad_item(remote: E5VEmbeddings, image_paths: list[str], tmp_path: Path) -> None:
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    with pytest.raises(InvalidInputError, match=r"^item 4:"):
+        asyncio.run(remote.aembed_image([*image_paths[:4], str(bad)]))  # in the second request of 3
+    with pytest.raises(InvalidInputError, match=r"^item 3: .*reserved"):
+        asyncio.run(remote.aembed_documents([*TEXTS[:3], "an <image> here"]))
 
 
 def test_errors_name_the_bad_item(remote: E5VEmbeddings, image_paths: list[str], tmp_path: Path) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from concurrent.futures import ThreadPoolExecutor
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -158,6 +160,28 @@ async def test_async_vectors_equal_in_process(remote: E5VEmbedding, embedder: E5
     assert_vectors([await remote.aget_query_embedding(TEXTS[0])], embedder.embed_texts([TEXTS[0]]))
     assert_vectors([await remote.aget_text_embedding(TEXTS[1])], embedder.embed_texts([TEXTS[1]]))
     assert_vectors([await remote.aget_image_embedding(files[2])], embedder.embed_images([files[2]]))
+
+
+class NoThreads(ThreadPoolExecutor):
+    """An event loop's default executor that fails any work handed to a thread."""
+
+    def submit(self, *args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("an async method ran the call on an executor thread")
+
+
+def test_async_texts_use_the_remote_embedders_async_calls(remote: E5VEmbedding, embedder: E5VEmbedder) -> None:
+    async def embed() -> tuple[Any, ...]:
+        asyncio.get_running_loop().set_default_executor(NoThreads(max_workers=1))
+        return (
+            await remote.aget_text_embedding_batch(list(TEXTS)),
+            await remote.aget_query_embedding(TEXTS[0]),
+            await remote.aget_text_embedding(TEXTS[1]),
+        )
+
+    batch, query, text = asyncio.run(embed())
+    expected = embedder.embed_texts(list(TEXTS))
+    assert_vectors(batch, expected)
+    assert_vectors([query, text], expected[:2])
 
 
 def test_interleaved_and_image_nodes_equal_in_process(

@@ -23,7 +23,7 @@ _LOADING_FIELDS = frozenset(
 #: Fields that say which server to call; they need ``base_url`` and cannot be combined with ``embedder=``.
 _REMOTE_FIELDS = frozenset({"base_url", "api_key", "api_key_env_var"})
 #: ``RemoteEmbedder`` options ``embedder_kwargs`` may hold with ``base_url``.
-_REMOTE_OPTIONS = frozenset({"prompts", "timeout", "retries"})
+_REMOTE_OPTIONS = frozenset({"prompts", "timeout", "retries", "max_retry_after"})
 #: ``E5VEmbedder`` options set from fields, so not allowed in ``embedder_kwargs``.
 _FIELD_OPTIONS = frozenset(
     {
@@ -50,7 +50,8 @@ class E5VEmbeddings(BaseModel, Embeddings):
 
     ``embed_image`` is the method ``langchain_chroma.Chroma.add_images`` and
     ``similarity_search_by_image`` call. Every method returns lists of Python floats;
-    the ``aembed_*`` methods run the model (or the request) on an executor thread, off the event loop.
+    the ``aembed_*`` methods run the model on an executor thread, off the event loop (remote: they are
+    :class:`e5v.RemoteEmbedder`'s async calls).
     """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
@@ -73,7 +74,8 @@ class E5VEmbeddings(BaseModel, Embeddings):
     embedder_kwargs: dict[str, Any] = Field(default_factory=dict)
     """Other :class:`e5v.E5VEmbedder` options: ``prompts``, ``adapter``, ``device_map``, ``max_batch_tokens``,
     ``allow_remote``, ``max_image_pixels``, ``max_text_tokens``, ``allow_pickle``; with ``base_url``, the
-    :class:`e5v.RemoteEmbedder` options ``prompts`` (a preset name the server knows), ``timeout``, ``retries``."""
+    :class:`e5v.RemoteEmbedder` options ``prompts`` (a preset name the server knows), ``timeout`` (seconds a call
+    may take in all), ``retries``, ``max_retry_after``."""
     show_progress: bool | None = None
     """Show a progress bar while embedding; ``None``: the embedder's setting."""
     base_url: str | None = None
@@ -205,16 +207,34 @@ class E5VEmbeddings(BaseModel, Embeddings):
         """Embed composed queries: ``images[i]`` modified as ``texts[i]`` says."""
         return _floats(self._embedder.embed_composed(images, texts, **self._options()))
 
+    # -- async: the remote embedder's own async calls, else the model on an executor thread --
+
+    async def aembed_documents(self, texts: list[str]) -> list[list[float]]:
+        """:meth:`embed_documents` without blocking the event loop."""
+        if isinstance(self._embedder, RemoteEmbedder):
+            return _floats(await self._embedder.aembed_texts(texts, **self._options()))
+        return await run_in_executor(None, self.embed_documents, texts)
+
+    async def aembed_query(self, text: str) -> list[float]:
+        """:meth:`embed_query` without blocking the event loop."""
+        return (await self.aembed_documents([text]))[0]
+
     async def aembed_image(self, uris: Sequence[ImageLike]) -> list[list[float]]:
-        """:meth:`embed_image` on an executor thread."""
+        """:meth:`embed_image` without blocking the event loop."""
+        if isinstance(self._embedder, RemoteEmbedder):
+            return _floats(await self._embedder.aembed_images(uris, **self._options()))
         return await run_in_executor(None, self.embed_image, uris)
 
     async def aembed_interleaved(self, items: Sequence[Interleaved | Sequence[Any]]) -> list[list[float]]:
-        """:meth:`embed_interleaved` on an executor thread."""
+        """:meth:`embed_interleaved` without blocking the event loop."""
+        if isinstance(self._embedder, RemoteEmbedder):
+            return _floats(await self._embedder.aembed_interleaved(items, **self._options()))
         return await run_in_executor(None, self.embed_interleaved, items)
 
     async def aembed_composed(self, images: Sequence[ImageLike], texts: Sequence[str]) -> list[list[float]]:
-        """:meth:`embed_composed` on an executor thread."""
+        """:meth:`embed_composed` without blocking the event loop."""
+        if isinstance(self._embedder, RemoteEmbedder):
+            return _floats(await self._embedder.aembed_composed(images, texts, **self._options()))
         return await run_in_executor(None, self.embed_composed, images, texts)
 
 

@@ -35,7 +35,8 @@ class E5VEmbedding(MultiModalEmbedding):
     key is never serialised, the URL and the variable's name are). Each call hands at most
     ``embed_batch_size`` items to the model (or the server) at a time, for texts and images
     alike (by default the embedder's batch size: 16 on CPU, 256 on GPU; remote, the
-    server's ``max_client_batch_size``).
+    server's ``max_client_batch_size``). The async methods run the model on a worker thread; in
+    remote mode they are :class:`e5v.RemoteEmbedder`'s async calls.
 
     Images are ``str`` paths (or ``data:image/...;base64`` URIs) or binary streams such
     as ``BytesIO``. An :class:`~llama_index.core.schema.ImageNode` that carries text can
@@ -158,13 +159,19 @@ class E5VEmbedding(MultiModalEmbedding):
             raise _BatchInputError(exc, texts) from None
 
     async def _aget_query_embedding(self, query: str) -> Embedding:
-        return await asyncio.to_thread(self._get_query_embedding, query)
+        return (await self._aget_text_embeddings([query]))[0]
 
     async def _aget_text_embedding(self, text: str) -> Embedding:
-        return await asyncio.to_thread(self._get_text_embedding, text)
+        return (await self._aget_text_embeddings([text]))[0]
 
     async def _aget_text_embeddings(self, texts: list[str]) -> list[Embedding]:
-        return await asyncio.to_thread(self._get_text_embeddings, texts)
+        """The remote embedder's async call, or the model on a worker thread."""
+        if not isinstance(self._embedder, RemoteEmbedder):
+            return await asyncio.to_thread(self._get_text_embeddings, texts)
+        try:
+            return (await self._embedder.aembed_texts(texts, batch_size=self.embed_batch_size)).tolist()
+        except InvalidInputError as exc:
+            raise _BatchInputError(exc, texts) from None
 
     def get_text_embedding_batch(self, texts: list[str], show_progress: bool = False, **kwargs: Any) -> list[Embedding]:
         """LlamaIndex's batching, with an invalid text named by its index in ``texts``."""
@@ -194,10 +201,16 @@ class E5VEmbedding(MultiModalEmbedding):
             raise _BatchInputError(exc, img_file_paths) from None
 
     async def _aget_image_embedding(self, img_file_path: ImageType) -> Embedding:
-        return await asyncio.to_thread(self._get_image_embedding, img_file_path)
+        return (await self._aget_image_embeddings([img_file_path]))[0]
 
     async def _aget_image_embeddings(self, img_file_paths: list[ImageType]) -> list[Embedding]:
-        return await asyncio.to_thread(self._get_image_embeddings, img_file_paths)
+        """The remote embedder's async call, or the model on a worker thread."""
+        if not isinstance(self._embedder, RemoteEmbedder):
+            return await asyncio.to_thread(self._get_image_embeddings, img_file_paths)
+        try:
+            return (await self._embedder.aembed_images(img_file_paths, batch_size=self.embed_batch_size)).tolist()
+        except InvalidInputError as exc:
+            raise _BatchInputError(exc, img_file_paths) from None
 
     def get_image_embedding_batch(
         self, img_file_paths: list[ImageType], show_progress: bool = False

@@ -7,32 +7,60 @@ single-text clients (throughput, p50 and p99 latency); and one request of the ``
 against the in-process call, and against the seconds the server's own model took for it
 (what HTTP, JSON, base64 and decoding cost). Each repeat
 takes every measure once, in turn, so that a noisy moment of the machine hits them all.
+
+:func:`run_soak` (``e5v bench-serve --soak SECONDS``) holds one server under a mixed load
+for a while instead: ``clients`` concurrent clients, joining one by one over the warm-up and
+sharing one pooled :class:`httpx.AsyncClient`, send short and long texts, batches of texts,
+photos, composed and interleaved items and mixed batches (:data:`SOAK_MIX`), every answer
+checked against the same request's answer alone; it reports throughput, latencies, errors by
+kind and the server's resident memory over time (psutil where installed, else ``VmRSS`` from
+``/proc``), and whether the run passed: no errors, and RSS grown no more than a bound after
+the warm-up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
-import http.client
+import binascii
+import contextlib
+import importlib.util
+import io
 import json
+import math
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
+import httpx
 import numpy as np
+from PIL import Image
+from pydantic import BaseModel, ValidationError
 
 from e5v.bench import make_corpus
 from e5v.embedder import E5VEmbedder
-from e5v.errors import E5VError
+from e5v.errors import ConfigurationError, E5VError, MissingDependencyError
+from e5v.inputs import Composed
 
-__all__ = ["ServeBenchReport", "format_serve_report", "run_serve_bench"]
+__all__ = [
+    "SOAK_MIX",
+    "LatencyStats",
+    "RssSample",
+    "ServeBenchReport",
+    "SoakReport",
+    "format_serve_report",
+    "format_soak_report",
+    "run_serve_bench",
+    "run_soak",
+]
 
 #: Concurrent single-text clients measured (the largest is the corpus size).
 CONCURRENCY = (1, 8)
@@ -125,13 +153,15 @@ def run_serve_bench(
         with _Server(model, True) as batched, _Server(model, False) as unbatched:
             ports = {True: batched.wait(), False: unbatched.wait()}
             for port in ports.values():
-                _post(port, corpus)  # warm-up
+                with _client(port) as client:
+                    _post(client, corpus)  # warm-up
             for _ in range(repeats):  # every measure once a repeat, so that a noisy moment hits them all
                 times["single"].append(_timed(lambda: [embedder.embed_texts([text]) for text in corpus]))
                 times["batch"].append(_timed(lambda: embedder.embed_texts(corpus)))
-                before = _round_seconds(ports[True])
-                times["http"].append(_timed(lambda: _post(ports[True], corpus)))
-                times["model"].append(_round_seconds(ports[True]) - before)
+                with _client(ports[True]) as client:
+                    before = _round_seconds(client)
+                    times["http"].append(_timed(lambda: _post(client, corpus)))
+                    times["model"].append(_round_seconds(client) - before)
                 for clients in levels:
                     for batching, port in ports.items():
                         runs.setdefault((clients, batching), []).append(
@@ -153,18 +183,22 @@ def _timed(run: Any) -> float:
     return time.perf_counter() - start
 
 
+def _client(port: int, timeout: float = 300.0) -> httpx.Client:
+    """An HTTP client of the server on ``port`` (one connection, kept alive)."""
+    return httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=timeout)
+
+
 def _clients(port: int, corpus: list[str], clients: int, per_client: int) -> tuple[float, list[float]]:
     """``clients`` threads, each with its own connection, sending ``per_client`` single
     texts: the seconds it took and each request's latency."""
 
     def client(number: int) -> list[float]:
-        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
         latencies = []
-        for request in range(per_client):
-            start = time.perf_counter()
-            _post(port, [corpus[(number + request * clients) % len(corpus)]], connection)
-            latencies.append(time.perf_counter() - start)
-        connection.close()
+        with _client(port) as connection:
+            for request in range(per_client):
+                start = time.perf_counter()
+                _post(connection, [corpus[(number + request * clients) % len(corpus)]])
+                latencies.append(time.perf_counter() - start)
         return latencies
 
     start = time.perf_counter()
@@ -177,35 +211,45 @@ def _summary(clients: int, batching: bool, measured: list[tuple[float, list[floa
     """The median run's requests per second; p50 and p99 over every request of every run."""
     rate = statistics.median(len(latencies) / elapsed for elapsed, latencies in measured)
     latencies = sorted(latency for _, found in measured for latency in found)
-    p99 = latencies[min(len(latencies) - 1, int(0.99 * len(latencies)))]
-    return ClientsResult(clients, batching, rate, 1000 * statistics.median(latencies), 1000 * p99)
+    return ClientsResult(
+        clients, batching, rate, 1000 * statistics.median(latencies), 1000 * _percentile(latencies, 0.99)
+    )
 
 
-def _round_seconds(port: int) -> float:
+def _percentile(ordered: list[float], share: float) -> float:
+    """The value below which ``share`` of the sorted ``ordered`` lie (nearest rank)."""
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
+
+
+def _round_seconds(client: httpx.Client) -> float:
     """The seconds the server's model has taken for all its rounds so far (``/metrics``)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as response:
-        for line in response.read().decode().splitlines():
-            if line.startswith("e5v_round_duration_seconds_sum"):
-                return float(line.split()[-1])
+    for line in client.get("/metrics").raise_for_status().text.splitlines():
+        if line.startswith("e5v_round_duration_seconds_sum"):
+            return float(line.split()[-1])
     raise E5VError("the server's /metrics has no e5v_round_duration_seconds_sum")
 
 
-def _post(port: int, texts: list[str], connection: http.client.HTTPConnection | None = None) -> np.ndarray:
-    own = connection is None
-    connection = connection or http.client.HTTPConnection("127.0.0.1", port, timeout=300)
-    body = json.dumps({"input": texts, "encoding_format": "base64"})
-    connection.request("POST", "/v1/embeddings", body, {"Content-Type": "application/json"})
-    response = connection.getresponse()
-    answer = json.loads(response.read())
-    if own:
-        connection.close()
-    if response.status != 200:
-        raise E5VError(f"the server answered {response.status}: {answer}")
-    return np.stack([np.frombuffer(base64.b64decode(row["embedding"]), dtype="<f4") for row in answer["data"]])
+class _Row(BaseModel):
+    index: int
+    embedding: str
+
+
+class _Answer(BaseModel):
+    """The part of a ``/v1/embeddings`` answer (``encoding_format: base64``) the bench reads."""
+
+    data: list[_Row]
+
+
+def _post(client: httpx.Client, texts: list[str]) -> None:
+    response = client.post("/v1/embeddings", json={"input": texts, "encoding_format": "base64"})
+    if response.status_code != 200:
+        raise E5VError(f"the server answered {response.status_code}: {response.text[:500]}")
+    _checked(response.content, len(texts), None)
 
 
 class _Server:
-    """``e5v serve`` in a subprocess on a free loopback port, ready on entry, stopped on exit."""
+    """``e5v serve`` in a subprocess on a free loopback port, ready on entry, stopped on exit;
+    its log goes to a temporary file, quoted when it exits early."""
 
     def __init__(self, model: str | Path, batching: bool) -> None:
         with socket.socket() as sock:
@@ -216,22 +260,36 @@ class _Server:
         self.command = command
 
     def __enter__(self) -> _Server:
-        self.process = subprocess.Popen(self.command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # a file, not a pipe: a full pipe would stall the server; closed on exit
+        self.log: IO[bytes] = tempfile.TemporaryFile()
+        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT)
         return self
 
     def wait(self) -> int:
         """The port, once the server is ready."""
         deadline = time.monotonic() + READY_TIMEOUT
         while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise E5VError(f"the server exited with status {self.process.returncode}: {' '.join(self.command)}")
+            self.check()
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/ready", timeout=1) as response:
-                    if response.status == 200:
-                        return self.port
-            except OSError:
-                time.sleep(0.2)
+                if httpx.get(f"http://127.0.0.1:{self.port}/ready", timeout=1).status_code == 200:
+                    return self.port
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
         raise E5VError(f"the server was not ready in {READY_TIMEOUT:.0f} s")
+
+    def exited(self) -> str | None:
+        """None while the server runs, else what it said before it exited."""
+        if self.process.poll() is None:
+            return None
+        self.log.seek(0)
+        tail = self.log.read()[-2000:].decode(errors="replace").strip()
+        return f"the server exited with status {self.process.returncode}: {' '.join(self.command)}\n{tail}"
+
+    def check(self) -> None:
+        """Raise if the server has exited."""
+        if (exited := self.exited()) is not None:
+            raise E5VError(exited)
 
     def __exit__(self, *_exc: object) -> None:
         self.process.terminate()
@@ -239,6 +297,8 @@ class _Server:
             self.process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.process.kill()
+            self.process.wait()
+        self.log.close()
 
 
 def format_serve_report(report: ServeBenchReport) -> str:
@@ -262,5 +322,453 @@ def format_serve_report(report: ServeBenchReport) -> str:
         "",
         f"{max(r.clients for r in report.clients)} concurrent clients: batching across requests gains {gain:.2f}x, "
         f"{gain / report.in_process_gain:.0%} of the in-process gain",
+    ]
+    return "\n".join(lines)
+
+
+# -- soak -----------------------------------------------------------------------------
+
+#: One cycle of each soak client's request types: a single text of one sentence (5-60 words), a
+#: long text of SOAK_LONG sentences, batches of 2-8 texts, a photo, a composed query (a photo
+#: and an edit), an interleaved item (a photo and a caption, one vector) and a mixed batch (two
+#: texts, a photo, a composed query), in these proportions; each client walks the same seeded
+#: shuffle of the cycle from its own offset.
+SOAK_MIX = {"text": 6, "long": 2, "texts": 4, "image": 3, "composed": 2, "interleaved": 2, "mixed": 1}
+#: Sentences of a long text, at least and at most (about 150 to 1,400 words).
+SOAK_LONG = (5, 40)
+#: Request bodies of each type the soak cycles through (photos alternate JPEG and PNG data URIs).
+SOAK_POOL = 8
+#: Largest difference from the same request's answer alone that is still the same answer.
+SOAK_ATOL = 1e-4
+#: How far from 1 a vector's norm may be.
+NORM_TOLERANCE = 1e-3
+
+
+@dataclass
+class LatencyStats:
+    """Correctly answered requests of one type (or all): how many, their items, p50 and p99 (ms)."""
+
+    requests: int
+    items: int
+    p50_ms: float | None
+    p99_ms: float | None
+
+
+@dataclass
+class RssSample:
+    """The server's resident memory (MiB) ``t_s`` seconds into the load, the requests
+    answered by then, and the clients that had joined."""
+
+    t_s: float
+    rss_mib: float
+    requests: int
+    clients: int
+
+
+@dataclass
+class SoakReport:
+    """A soak's figures: latencies of the correctly answered requests, overall and by type of
+    :data:`SOAK_MIX`; errors by kind (``HTTP 429``, ``timeout``, a wrong answer, ...); the
+    server's resident memory every ``sample_every_s`` seconds."""
+
+    model: str
+    seconds: float
+    clients: int
+    warmup_s: float
+    sample_every_s: float
+    request_timeout_s: float
+    max_rss_growth_pct: float
+    mix: dict[str, int] = field(default_factory=lambda: dict(SOAK_MIX))
+    elapsed_s: float = 0.0
+    latency: LatencyStats = field(default_factory=lambda: LatencyStats(0, 0, None, None))
+    by_type: dict[str, LatencyStats] = field(default_factory=dict)
+    errors: dict[str, int] = field(default_factory=dict)
+    rss: list[RssSample] = field(default_factory=list)
+
+    @property
+    def requests_per_s(self) -> float:
+        return self.latency.requests / self.elapsed_s
+
+    @property
+    def items_per_s(self) -> float:
+        return self.latency.items / self.elapsed_s
+
+    @property
+    def error_count(self) -> int:
+        return sum(self.errors.values())
+
+    @property
+    def rss_start_mib(self) -> float:
+        """When the load began (the model loaded, every request answered once alone)."""
+        return self.rss[0].rss_mib
+
+    @property
+    def rss_warm_mib(self) -> float:
+        """At the end of the warm-up, when every client has joined: what growth counts from."""
+        return next(sample.rss_mib for sample in self.rss if sample.t_s >= self.warmup_s)
+
+    @property
+    def rss_end_mib(self) -> float:
+        return self.rss[-1].rss_mib
+
+    @property
+    def rss_max_mib(self) -> float:
+        return max(sample.rss_mib for sample in self.rss)
+
+    @property
+    def rss_growth_mib(self) -> float:
+        """From the end of the warm-up to the end."""
+        return self.rss_end_mib - self.rss_warm_mib
+
+    @property
+    def rss_growth_pct(self) -> float:
+        return 100 * self.rss_growth_mib / self.rss_warm_mib
+
+    @property
+    def flags(self) -> list[str]:
+        """Why the run failed: errors, or resident memory that grew past the threshold after the warm-up."""
+        flags = []
+        if self.error_count:
+            flags.append(f"{self.error_count} errors")
+        if self.rss_growth_pct > self.max_rss_growth_pct:
+            flags.append(
+                f"the server's RSS grew {self.rss_growth_pct:.1f}% after the warm-up "
+                f"(more than --max-rss-growth {self.max_rss_growth_pct:g}%)"
+            )
+        return flags
+
+    @property
+    def passed(self) -> bool:
+        """No errors, and resident memory flat after the warm-up (:attr:`flags` is empty)."""
+        return not self.flags
+
+    def to_dict(self) -> dict[str, Any]:
+        figures = ("requests_per_s", "items_per_s", "error_count", "rss_start_mib", "rss_warm_mib", "rss_end_mib")
+        figures += ("rss_max_mib", "rss_growth_mib", "rss_growth_pct", "flags", "passed")
+        return {**asdict(self), **{name: getattr(self, name) for name in figures}}
+
+
+@dataclass(frozen=True)
+class _Body:
+    kind: str
+    content: bytes
+    rows: int
+
+
+@dataclass(frozen=True)
+class _Record:
+    kind: str
+    rows: int
+    seconds: float
+    error: str | None
+
+
+class _Wrong(Exception):
+    """An answer that is not the right vectors; the message is the error's kind."""
+
+
+def run_soak(
+    model: str | Path | None = None,
+    *,
+    random_init: str | None = None,
+    seconds: float,
+    clients: int = 64,
+    sample_every: float = 5.0,
+    warmup: float | None = None,
+    request_timeout: float = 60.0,
+    max_rss_growth: float = 10.0,
+    seed: int = 0,
+) -> SoakReport:
+    """Hold ``e5v serve`` (a subprocess on a free loopback port, the bench's model options)
+    under the mixed load of :data:`SOAK_MIX` for ``seconds``. The ``clients`` join one by one,
+    evenly over ``warmup`` (a sixth of ``seconds``, at most 30 s), at whose end resident
+    memory is measured from.
+
+    Each request body is first sent alone, and its answer kept; under load every answer must
+    have one row an item, in order, of the same dimension, finite, of unit norm and within
+    :data:`SOAK_ATOL` of that answer, or it counts as an error. A request that takes longer
+    than ``request_timeout`` counts as a timeout. No request starts after the deadline.
+    """
+    warmup = min(30.0, seconds / 6) if warmup is None else warmup
+    if not 0 <= warmup < seconds:
+        raise ConfigurationError(f"the warm-up ({warmup:g} s) must be shorter than the soak ({seconds:g} s)")
+    if importlib.util.find_spec("psutil") is None and not Path("/proc/self/status").exists():
+        raise MissingDependencyError(
+            "the soak reads the server's resident memory with psutil or from /proc (Linux): pip install psutil"
+        )
+    with tempfile.TemporaryDirectory(prefix="e5v-bench-soak-") as folder:
+        if random_init is not None:
+            from e5v.testing import build_tiny_checkpoint
+
+            model = build_tiny_checkpoint(Path(folder, random_init), random_init, seed=seed)
+        if model is None:
+            raise E5VError("give a model (hub id or path) or random_init")
+        with _Server(model, True) as server:
+            bodies = _soak_bodies(seed)  # while the server loads
+            port = server.wait()
+            references = _references(port, bodies, server)
+            schedule = [kind for kind, count in SOAK_MIX.items() for _ in range(count)]
+            np.random.default_rng(seed).shuffle(schedule)
+            load = _Load(port, server, bodies, references, schedule, clients, request_timeout)
+            samples = sorted({*(k * sample_every for k in range(math.ceil(seconds / sample_every))), warmup})
+            records, rss, elapsed = asyncio.run(load.run(seconds, warmup, samples))
+    report = SoakReport(
+        model=str(model),
+        seconds=seconds,
+        clients=clients,
+        warmup_s=warmup,
+        sample_every_s=sample_every,
+        request_timeout_s=request_timeout,
+        max_rss_growth_pct=max_rss_growth,
+        elapsed_s=elapsed,
+        rss=rss,
+    )
+    answered = [record for record in records if record.error is None]
+    report.latency = _latency(answered)
+    report.by_type = {kind: _latency([r for r in answered if r.kind == kind]) for kind in SOAK_MIX}
+    for record in records:
+        if record.error is not None:
+            report.errors[record.error] = report.errors.get(record.error, 0) + 1
+    return report
+
+
+def _latency(records: list[_Record]) -> LatencyStats:
+    ordered = sorted(1000 * record.seconds for record in records)
+    if not ordered:
+        return LatencyStats(0, 0, None, None)
+    return LatencyStats(
+        len(ordered), sum(r.rows for r in records), statistics.median(ordered), _percentile(ordered, 0.99)
+    )
+
+
+def _soak_bodies(seed: int) -> dict[str, list[_Body]]:
+    """:data:`SOAK_POOL` request bodies of each type of :data:`SOAK_MIX`, from the bench's corpus."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(2, 9, size=SOAK_POOL)
+    lengths = rng.integers(SOAK_LONG[0], SOAK_LONG[1] + 1, size=SOAK_POOL)
+    corpus = make_corpus(12 * SOAK_POOL + int(lengths.sum()), 3 * SOAK_POOL, 6 * SOAK_POOL, seed=seed)
+    texts = iter(corpus["texts"])
+    photos = iter(enumerate(corpus["images"]))
+    composed = iter(item for item in corpus["mixed"] if isinstance(item, Composed))
+
+    def image() -> dict[str, Any]:
+        number, photo = next(photos)
+        return {"type": "image_url", "image_url": {"url": _data_uri(photo, number)}}
+
+    def edit() -> dict[str, Any]:
+        query = next(composed)
+        return {"type": "composed", "image_url": {"url": _data_uri(query.image, 1)}, "text": query.text}
+
+    makers: dict[str, Callable[[int], list[Any] | str]] = {
+        "text": lambda _: next(texts),
+        "long": lambda number: " ".join(next(texts) for _ in range(int(lengths[number]))),
+        "texts": lambda number: [next(texts) for _ in range(int(sizes[number]))],
+        "image": lambda _: [image()],
+        "composed": lambda _: [edit()],
+        "interleaved": lambda _: [[image(), {"type": "text", "text": next(texts)}]],
+        "mixed": lambda _: [next(texts), {"type": "text", "text": next(texts)}, image(), edit()],
+    }
+    bodies: dict[str, list[_Body]] = {}
+    for kind, make in makers.items():
+        for number in range(SOAK_POOL):
+            items = make(number)
+            content = json.dumps({"input": items, "encoding_format": "base64"}).encode()
+            bodies.setdefault(kind, []).append(_Body(kind, content, 1 if isinstance(items, str) else len(items)))
+    return bodies
+
+
+def _data_uri(photo: Image.Image, number: int) -> str:
+    """The photo as a JPEG (even ``number``) or PNG (odd) data URI."""
+    form = ("jpeg", "png")[number % 2]
+    buffer = io.BytesIO()
+    photo.save(buffer, form)
+    return f"data:image/{form};base64,{base64.b64encode(buffer.getvalue()).decode()}"
+
+
+def _checked(content: bytes, rows: int, dimension: int | None) -> np.ndarray:
+    """The vectors of an answer, or :class:`_Wrong` saying how it is wrong."""
+    try:
+        answer = _Answer.model_validate_json(content)
+    except ValidationError:
+        raise _Wrong("an answer not in the API's shape") from None
+    if len(answer.data) != rows:
+        raise _Wrong("wrong row count")
+    if [row.index for row in answer.data] != list(range(rows)):
+        raise _Wrong("wrong indices")
+    try:
+        raw = [base64.b64decode(row.embedding, validate=True) for row in answer.data]
+    except binascii.Error:
+        raise _Wrong("an embedding not in base64") from None
+    dimension = dimension or len(raw[0]) // 4
+    if any(len(row) != 4 * dimension for row in raw):
+        raise _Wrong("wrong dimension")
+    vectors = np.stack([np.frombuffer(row, dtype="<f4") for row in raw])
+    if not np.isfinite(vectors).all():
+        raise _Wrong("vectors not finite")
+    if np.abs(np.linalg.norm(vectors, axis=1) - 1).max() > NORM_TOLERANCE:
+        raise _Wrong("vectors not of unit norm")
+    return vectors
+
+
+def _references(port: int, bodies: dict[str, list[_Body]], server: _Server) -> dict[bytes, np.ndarray]:
+    """Each body's answer when it is the only request (which also warms the server up)."""
+    references: dict[bytes, np.ndarray] = {}
+    dimension = None
+    with _client(port) as client:
+        for pool in bodies.values():
+            for body in pool:
+                response = client.post("/v1/embeddings", content=body.content, headers=_JSON)
+                server.check()
+                if response.status_code != 200:
+                    raise E5VError(
+                        f"a {body.kind} request alone: the server answered {response.status_code}: "
+                        f"{response.text[:500]}"
+                    )
+                try:
+                    references[body.content] = _checked(response.content, body.rows, dimension)
+                except _Wrong as exc:
+                    raise E5VError(f"a {body.kind} request alone: {exc}") from None
+                dimension = references[body.content].shape[1]
+    return references
+
+
+_JSON = {"Content-Type": "application/json"}
+
+
+class _Load:
+    """The soak's clients on one pooled HTTP client, and the sampler of the server's memory."""
+
+    def __init__(
+        self,
+        port: int,
+        server: _Server,
+        bodies: dict[str, list[_Body]],
+        references: dict[bytes, np.ndarray],
+        schedule: list[str],
+        clients: int,
+        timeout: float,
+    ) -> None:
+        self.port, self.server, self.bodies, self.references = port, server, bodies, references
+        self.schedule, self.clients, self.timeout = schedule, clients, timeout
+        self.dimension = next(iter(references.values())).shape[1]
+        self.records: list[_Record] = []
+        self.joins: list[float] = []
+
+    async def run(
+        self, seconds: float, warmup: float, samples: list[float]
+    ) -> tuple[list[_Record], list[RssSample], float]:
+        """Load for ``seconds``, the clients joining evenly over ``warmup``, memory sampled at
+        each of ``samples`` (seconds in) and at the end: the records, the samples and the
+        seconds until the last request was answered. Raises :class:`~e5v.errors.E5VError`
+        if the server exits."""
+        limits = httpx.Limits(max_connections=self.clients, max_keepalive_connections=self.clients)
+        rss: list[RssSample] = []
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{self.port}", limits=limits, timeout=self.timeout, headers=_JSON
+        ) as client:
+            start = time.monotonic()
+            self.joins = [start + warmup * number / self.clients for number in range(self.clients)]
+            sampler = asyncio.create_task(self._sample(start, samples, rss))
+            await asyncio.gather(
+                *(self._client(client, number, self.joins[number], start + seconds) for number in range(self.clients))
+            )
+            elapsed = time.monotonic() - start
+            sampler.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sampler
+        if (exited := self.server.exited()) is not None:
+            raise E5VError(f"{elapsed:.0f} s into the soak, {exited}")
+        rss.append(self._sample_now(start))
+        return self.records, rss, elapsed
+
+    async def _client(self, client: httpx.AsyncClient, number: int, join: float, deadline: float) -> None:
+        """Client ``number``: from ``join`` until ``deadline``, one request after another."""
+        await asyncio.sleep(max(0.0, join - time.monotonic()))
+        cycle = len(self.schedule)
+        request = number * cycle // self.clients
+        while time.monotonic() < deadline and self.server.exited() is None:
+            kind = self.schedule[request % cycle]
+            body = self.bodies[kind][(number + request // cycle) % SOAK_POOL]
+            start = time.perf_counter()
+            error = await self._request(client, body)
+            self.records.append(_Record(kind, body.rows, time.perf_counter() - start, error))
+            request += 1
+
+    async def _request(self, client: httpx.AsyncClient, body: _Body) -> str | None:
+        """None for the right vectors, else the kind of error."""
+        try:
+            response = await asyncio.wait_for(client.post("/v1/embeddings", content=body.content), self.timeout)
+        except (asyncio.TimeoutError, httpx.TimeoutException):
+            return "timeout"
+        except httpx.HTTPError as exc:
+            return type(exc).__name__
+        if response.status_code != 200:
+            return f"HTTP {response.status_code}"
+        try:
+            vectors = _checked(response.content, body.rows, self.dimension)
+        except _Wrong as exc:
+            return str(exc)
+        if np.abs(vectors - self.references[body.content]).max() > SOAK_ATOL:
+            return "vectors unlike the same request's alone"
+        return None
+
+    async def _sample(self, start: float, samples: list[float], rss: list[RssSample]) -> None:
+        for at in samples:
+            await asyncio.sleep(max(0.0, start + at - time.monotonic()))
+            if self.server.exited() is not None:
+                return
+            rss.append(self._sample_now(start))
+
+    def _sample_now(self, start: float) -> RssSample:
+        now = time.monotonic()
+        answered = sum(record.error is None for record in self.records)
+        joined = sum(join <= now for join in self.joins)
+        return RssSample(round(now - start, 2), _rss_mib(self.server.process.pid), answered, joined)
+
+
+def _rss_mib(pid: int) -> float:
+    """The resident memory of process ``pid`` in MiB: psutil's, else ``VmRSS`` of ``/proc/PID/status``."""
+    try:
+        import psutil
+    except ImportError:  # optional: Linux has /proc
+        pass
+    else:
+        return float(psutil.Process(pid).memory_info().rss / 2**20)
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise E5VError(f"/proc/{pid}/status has no VmRSS line")
+
+
+def format_soak_report(report: SoakReport) -> str:
+    """The soak's report as text, ending in its verdict: PASS or FAIL and why."""
+    mix = ", ".join(f"{kind} {count}" for kind, count in report.mix.items())
+    lines = [
+        f"soak: model {report.model}, {report.seconds:g} s at {report.clients} clients on one pooled HTTP client, "
+        f"joining over the {report.warmup_s:g} s warm-up (load ended {report.elapsed_s:.1f} s in), "
+        f"request timeout {report.request_timeout_s:g} s",
+        f"mix, requests of a cycle of {sum(report.mix.values())}: {mix}",
+        f"answered {report.latency.requests} requests ({report.requests_per_s:.2f}/s), "
+        f"{report.latency.items} items ({report.items_per_s:.2f}/s); errors: "
+        + (", ".join(f"{kind} {count}" for kind, count in sorted(report.errors.items())) or "none"),
+        "",
+        "type          requests  items  p50 ms  p99 ms",
+    ]
+    for kind, stats in [("all", report.latency), *report.by_type.items()]:
+        p50, p99 = (f"{value:.1f}" if value is not None else "-" for value in (stats.p50_ms, stats.p99_ms))
+        lines.append(f"{kind:<12}  {stats.requests:>8}  {stats.items:>5}  {p50:>6}  {p99:>6}")
+    lines += ["", "the server's resident memory:", "   t s   RSS MiB  answered  clients"]
+    lines += [
+        f"{sample.t_s:>6.1f}  {sample.rss_mib:>8.1f}  {sample.requests:>8}  {sample.clients:>7}"
+        for sample in report.rss
+    ]
+    lines += [
+        f"RSS MiB: start {report.rss_start_mib:.1f}, after the {report.warmup_s:g} s warm-up "
+        f"{report.rss_warm_mib:.1f}, end {report.rss_end_mib:.1f}, max {report.rss_max_mib:.1f}; growth after "
+        f"the warm-up {report.rss_growth_mib:+.1f} MiB ({report.rss_growth_pct:+.1f}%, bound "
+        f"{report.max_rss_growth_pct:g}%)",
+        "FAIL: " + "; ".join(report.flags)
+        if report.flags
+        else f"PASS: no errors, RSS growth after the warm-up within {report.max_rss_growth_pct:g}%",
     ]
     return "\n".join(lines)

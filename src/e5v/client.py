@@ -2,9 +2,10 @@
 
 Items are sent as ``POST /v1/embeddings`` items (see :mod:`e5v.server.schemas`); images
 travel as their encoded bytes in ``data:`` URIs (files are read here, PIL images and
-arrays are encoded as PNG), and the server decodes them. Lists longer than the server's
-``max_client_batch_size`` go in several requests; errors name the item by its index in
-the caller's list. Every answer is parsed and checked before a vector is returned.
+arrays are encoded as PNG), and the server decodes them. A list goes in as many requests as
+keep each within the server's ``max_client_batch_size`` items and ``max_request_pixels``
+(counted from the image headers, as the server counts them); errors name the item by its
+index in the caller's list. Every answer is parsed and checked before a vector is returned.
 
 One pooled :class:`httpx.Client` carries the requests of an embedder (and one
 :class:`httpx.AsyncClient` its ``aembed_*`` calls). Its sockets never wait past the
@@ -26,6 +27,7 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
@@ -39,7 +41,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from e5v.errors import ConfigurationError, E5VError, EmbeddingError, InvalidInputError
-from e5v.inputs import Composed, ImageLoader, Interleaved, as_list, check_lengths, describe
+from e5v.inputs import Composed, ImageLoader, Interleaved, as_list, check_lengths, decode_data_uri, describe
 from e5v.server.schemas import EmbeddingResponse, ErrorResponse
 
 __all__ = ["API_KEY_ENV_VAR", "DEFAULT_TIMEOUT", "MAX_RETRY_AFTER", "Embedder", "RemoteEmbedder"]
@@ -95,6 +97,7 @@ class _ServerInfo(BaseModel):
     dimension: int | None = Field(gt=0)
     max_batch_size: int | None = Field(gt=0)
     max_client_batch_size: int | None = Field(default=None, gt=0)
+    max_request_pixels: int | None = Field(default=None, gt=0)  # absent from servers before it
 
 
 class RemoteEmbedder:
@@ -110,7 +113,9 @@ class RemoteEmbedder:
     2 s ... Vectors are float32, one row per item, from answers checked in full (shape,
     rows, indices, dimension, finite values); anything else is an :class:`EmbeddingError`
     quoting what the server sent. Each method's ``batch_size`` is the most items a request
-    (never more than the server takes); the server batches the items of all its clients.
+    (never more than the server takes); the server batches the items of all its clients. A
+    request's images never hold more pixels than the server's ``max_request_pixels``: an
+    item whose images alone do is an :class:`InvalidInputError` before anything is sent.
 
     The ``aembed_*`` methods are the same calls for asyncio. Requests share one pooled
     connection; :meth:`close` (or ``with``) ends it, :meth:`aclose` (or ``async with``)
@@ -258,7 +263,7 @@ class RemoteEmbedder:
 
     def _embed(
         self,
-        items: list[Any],
+        items: list[_Wire],
         prompts: str | None = None,
         *,
         batch_size: int | str | None = None,
@@ -280,7 +285,7 @@ class RemoteEmbedder:
 
     async def _aembed(
         self,
-        items: list[Any],
+        items: list[_Wire],
         prompts: str | None = None,
         *,
         batch_size: int | str | None = None,
@@ -293,7 +298,7 @@ class RemoteEmbedder:
 
     async def _aembed_all(
         self,
-        items: list[Any],
+        items: list[_Wire],
         prompts: str | None,
         batch_size: int | str | None,
         show_progress_bar: bool | None,
@@ -315,18 +320,18 @@ class RemoteEmbedder:
         return _stacked(parts, info["dimension"])
 
     def _requests(
-        self, items: list[Any], prompts: str | None, batch_size: int | str | None, info: dict[str, Any]
+        self, items: list[_Wire], prompts: str | None, batch_size: int | str | None, info: dict[str, Any]
     ) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Each request's first item's position and its body."""
-        step = int(info.get("max_client_batch_size") or len(items) or 1)
+        """Each request's first item's position and its body (all planned before the first is sent)."""
+        most = int(info.get("max_client_batch_size") or len(items) or 1)
         if isinstance(batch_size, int) and not isinstance(batch_size, bool):
-            step = max(1, min(step, batch_size))
+            most = max(1, min(most, batch_size))
         preset = prompts or self.prompts
-        for start in range(0, len(items), step):
-            body: dict[str, Any] = {"input": items[start : start + step], "encoding_format": "base64"}
+        for chunk in _chunks(items, most, info.get("max_request_pixels")):
+            body: dict[str, Any] = {"input": [items[i].json for i in chunk], "encoding_format": "base64"}
             if preset is not None:
                 body["prompts"] = preset
-            yield start, body
+            yield chunk.start, body
 
     # -- one request, retried within the call's deadline ---------------------------------------
 
@@ -769,28 +774,62 @@ def _progress(total: int, show: bool | None) -> Iterator[Any]:
 # -- items as the server's JSON --------------------------------------------------------------
 
 
-def _texts(texts: Sequence[str]) -> list[Any]:
-    return [_text(text, i) for i, text in enumerate(as_list(texts, "texts"))]
+@dataclass(frozen=True)
+class _Wire:
+    """One item as the server's JSON, and the pixels its images' headers claim (0 where none tell)."""
+
+    json: Any
+    pixels: int = 0
 
 
-def _images(images: Sequence[Any]) -> list[Any]:
-    return [_image_part(image, i) for i, image in enumerate(as_list(images, "images"))]
+#: Reads image headers for their size, as the server's scheduler does (never decodes pixels).
+_HEADERS = ImageLoader()
 
 
-def _composed(images: Sequence[Any], texts: Sequence[str]) -> list[Any]:
+def _chunks(items: Sequence[_Wire], most: int, max_pixels: int | None) -> list[range]:
+    """``items`` cut, in order, into runs of at most ``most`` items and ``max_pixels`` pixels (``None``: any),
+    each closed before it would go over; an item over ``max_pixels`` alone is an :class:`InvalidInputError`."""
+    chunks: list[range] = []
+    start = pixels = 0
+    for index, item in enumerate(items):
+        if max_pixels is not None and item.pixels > max_pixels:
+            raise InvalidInputError(
+                f"its images hold {item.pixels} pixels, over the server's limit of {max_pixels} a request "
+                "(max_request_pixels in its /info); downscale them, or restart the server with a larger "
+                "--max-request-pixels",
+                index=index,
+            )
+        if index - start == most or (max_pixels is not None and pixels + item.pixels > max_pixels):
+            chunks.append(range(start, index))
+            start, pixels = index, 0
+        pixels += item.pixels
+    if start < len(items):
+        chunks.append(range(start, len(items)))
+    return chunks
+
+
+def _texts(texts: Sequence[str]) -> list[_Wire]:
+    return [_Wire(_text(text, i)) for i, text in enumerate(as_list(texts, "texts"))]
+
+
+def _images(images: Sequence[Any]) -> list[_Wire]:
+    return [_Wire(*_image_part(image, i)) for i, image in enumerate(as_list(images, "images"))]
+
+
+def _composed(images: Sequence[Any], texts: Sequence[str]) -> list[_Wire]:
     images, texts = as_list(images, "images"), as_list(texts, "texts")
     check_lengths(images, texts)
     return [_item(Composed(image, text), i) for i, (image, text) in enumerate(zip(images, texts))]
 
 
-def _interleaved(items: Sequence[Interleaved | Sequence[Any]]) -> list[Any]:
+def _interleaved(items: Sequence[Interleaved | Sequence[Any]]) -> list[_Wire]:
     return [
         _item(item if isinstance(item, Interleaved) else Interleaved(item), i)
         for i, item in enumerate(as_list(items, "items"))
     ]
 
 
-def _mixed(items: Sequence[Any]) -> list[Any]:
+def _mixed(items: Sequence[Any]) -> list[_Wire]:
     return [_item(item, i) for i, item in enumerate(as_list(items, "items"))]
 
 
@@ -800,24 +839,40 @@ def _text(value: object, index: int) -> str:
     return value
 
 
-def _item(item: object, index: int) -> Any:
+def _item(item: object, index: int) -> _Wire:
     """One item as the server's JSON: a ``str`` is text, anything else as ``E5VEmbedder.embed`` reads it."""
     if isinstance(item, str):
-        return item
+        return _Wire(item)
     if isinstance(item, Composed):
-        return {"type": "composed", "image_url": _image_part(item.image, index)["image_url"], "text": item.text}
+        part, pixels = _image_part(item.image, index)
+        return _Wire({"type": "composed", "image_url": part["image_url"], "text": item.text}, pixels)
     if isinstance(item, Interleaved):
-        return [
-            {"type": "text", "text": part} if isinstance(part, str) else _image_part(part, index) for part in item.parts
+        parts = [
+            ({"type": "text", "text": part}, 0) if isinstance(part, str) else _image_part(part, index)
+            for part in item.parts
         ]
-    return _image_part(item, index)
+        return _Wire([part for part, _ in parts], sum(pixels for _, pixels in parts))
+    return _Wire(*_image_part(item, index))
 
 
-def _image_part(image: object, index: int) -> dict[str, Any]:
-    """An image-like as a content part: a URL as it is, anything else as its encoded bytes."""
-    if isinstance(image, str) and image[:8].lower().startswith(("http://", "https://", "data:")):
-        return {"type": "image_url", "image_url": {"url": image}}
-    return {"type": "image_url", "image_url": {"url": _data_uri(_encoded(image, index))}}
+def _image_part(image: object, index: int) -> tuple[dict[str, Any], int]:
+    """An image-like as a content part (a URL as it is, anything else as its encoded bytes), and its pixels."""
+    if isinstance(image, str) and image[:8].lower().startswith(("http://", "https://")):
+        return {"type": "image_url", "image_url": {"url": image}}, 0
+    if isinstance(image, str) and image[:5].lower() == "data:":
+        try:
+            pixels = _pixels(decode_data_uri(image, index))
+        except InvalidInputError:  # the server says what is wrong with it
+            pixels = 0
+        return {"type": "image_url", "image_url": {"url": image}}, pixels
+    data = _encoded(image, index)
+    return {"type": "image_url", "image_url": {"url": _data_uri(data)}}, _pixels(data)
+
+
+def _pixels(data: bytes) -> int:
+    """The pixels an encoded image's header claims (0 where it cannot be read: the server says why)."""
+    size = _HEADERS.peek_size(data)
+    return 0 if size is None else size[0] * size[1]
 
 
 def _encoded(image: object, index: int) -> bytes:

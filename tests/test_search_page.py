@@ -23,14 +23,6 @@ EXAMPLES = ROOT / "examples" / "data"
 #: examples/data's photos and notes only: the counts below are theirs (PDFs have tests of their own)
 ONLY_PHOTOS_AND_NOTES = shutil.ignore_patterns("*.pdf")
 SCREENSHOT = ROOT / "docs" / "search-page.png"
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--no-first-run",
-]
 XSS_NAME = "<img src=x onerror=alert(1)>.png"
 XSS_NOTE = "A note that tries <script>window.pwned = 1; alert('note')</script> and <b onmouseover=alert(2)>bold</b>.\n"
 TIMEOUT_MS = 60_000
@@ -71,17 +63,6 @@ def locked_server(
     process, url = start_server(tiny_path, "--db", str(index(corpus, tiny_path)))
     yield url, corpus
     stop(process)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[object]:
-    from playwright.sync_api import sync_playwright
-
-    assert Path(CHROMIUM).exists(), f"no {CHROMIUM}: install Debian's chromium (apt-get install -y chromium)"
-    with sync_playwright() as playwright:
-        chromium = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
-        yield chromium
-        chromium.close()
 
 
 class Tab:

@@ -190,8 +190,8 @@ def test_keys_limits_and_bad_input_get_clear_errors(server: str) -> None:
         ({"input": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}, "not a readable"),
         ({"input": ["a <image> here"]}, "item 0: text"),
         ({"input": "x", "dimensions": 256}, "dimensions is not supported"),
-        ({"input": "x", "encoding_format": "int8"}, "encoding_format must be"),
-        ({"input": "x", "prompts": "nope"}, "unknown prompt preset"),
+        ({"input": "x", "encoding_format": "int8"}, "encoding_format must be 'float' or 'base64', got 'int8'"),
+        ({"input": "x", "prompts": "nope"}, "prompts must be 'cirr', 'e5v', 'e5v-sts' or 'llava-next-base'"),
         ({"input": "x", "colour": "blue"}, "unknown fields ['colour']"),
     ]
     for body, expected in cases:

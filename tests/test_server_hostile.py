@@ -352,6 +352,8 @@ def test_search_over_the_concurrency_limit_is_429(open_db: str) -> None:
     long_texts = [" ".join(f"word{n}_{i}" for i in range(700)) for n in range(32)]  # seconds on the one slot
     with ThreadPoolExecutor(1) as pool:
         busy = pool.submit(embed, open_db, {"input": long_texts}, {})
+        while not busy.done() and "e5v_requests_in_flight 1.0" not in httpx.get(f"{open_db}/metrics").text:
+            time.sleep(0.05)  # the long request holds the one slot before any search asks for it
         refused = None
         for _ in range(40):
             answer = httpx.post(f"{open_db}/v1/search", json={"text": "a photo"}, timeout=60)

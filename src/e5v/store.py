@@ -13,6 +13,8 @@ an interleaved record's document is its page's text. Needs ``chromadb`` and ``ch
 from __future__ import annotations
 
 import logging
+import re
+import shlex
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -58,6 +60,8 @@ PDF_PAGES_PER_WRITE = 16
 IGNORED_NAMES_SHOWN = 5
 #: Seconds to wait for another e5v process creating the same database or collection.
 LOCK_TIMEOUT = 120.0
+#: Chroma's rule for a collection's name, checked before anything is created.
+COLLECTION_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]")
 #: The lock file, inside the database folder, held while a client opens it or a collection is made.
 LOCK_NAME = ".e5v.lock"
 
@@ -206,6 +210,11 @@ class Store:
     """
 
     def __init__(self, db: str | Path, name: str = "e5v", *, create: bool = False, url: str | None = None) -> None:
+        if not COLLECTION_NAME.fullmatch(name):
+            raise StoreError(
+                f"--collection {shlex.quote(name)} is not a name Chroma accepts: 3 to 512 letters, digits, '.', '_' "
+                "or '-', starting and ending with a letter or digit"
+            )
         self._chromadb = _chromadb()
         self.db, self.name, self.url = Path(db).expanduser(), name, url
         self.collection: Collection | None = None
@@ -215,7 +224,8 @@ class Store:
             self._client = _http_client(self._chromadb, url)
         elif not self.db.is_dir():
             if not create:
-                raise StoreError(f"no database at {str(self.db)!r}; index files first with `e5v index PATH --db {db}`")
+                hint = f"`e5v index PATH --db {shlex.quote(str(db))}`"
+                raise StoreError(f"no database at {str(self.db)!r}; index files first with {hint}")
             if self.db.exists():
                 raise StoreError(f"--db {str(self.db)!r} is a file, not a database folder; pick another --db")
             return  # connect() creates the folder once the model has loaded
@@ -224,7 +234,7 @@ class Store:
         if self.collection is None and not create:
             raise StoreError(
                 f"no collection {name!r} in {self._where!r}; index files first with "
-                f"`e5v index PATH --db {url or db} --collection {name}`"
+                f"`e5v index PATH --db {shlex.quote(str(url or db))} --collection {shlex.quote(name)}`"
             )
 
     @property

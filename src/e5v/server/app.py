@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
@@ -40,9 +41,11 @@ from e5v.scheduler import (
     RoundStats,
     Scheduler,
 )
+from e5v.server.errors import LastResort, error_response
 from e5v.server.http import CloseOn408, HostCheck
 from e5v.server.metrics import Metrics
-from e5v.server.schemas import EmbeddingRequest, RequestError, parse_items
+from e5v.server.openapi import PROMETHEUS, add_docs, build_openapi
+from e5v.server.schemas import RequestError, embedding_request, parse_json, quoted
 
 if TYPE_CHECKING:
     from e5v.store import Store
@@ -126,7 +129,8 @@ def create_app(config: ServerConfig) -> FastAPI:
         title="e5v",
         summary="E5-V universal multimodal embeddings, OpenAI-compatible",
         lifespan=lifespan,
-        docs_url="/docs",
+        docs_url=None,  # add_docs: Swagger UI served from the package, not a CDN
+        redoc_url=None,
     )
     if config.cors_origins:
         app.add_middleware(
@@ -141,11 +145,20 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def refused(_request: Request, exc: RequestError) -> JSONResponse:
-        return _error(exc.status, exc.message, param=exc.param, kind=exc.kind)
+        return error_response(exc.status, exc.message, param=exc.param, kind=exc.kind)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return _error(exc.status_code, str(exc.detail))
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers.setdefault("Allow", "GET, HEAD")  # the static files' 405, the one that names no methods
+        return error_response(exc.status_code, str(exc.detail), headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = next(iter(exc.errors()), {})
+        where = ".".join(str(part) for part in first.get("loc", ())) or "the request"
+        return error_response(400, f"{quoted(where)}: {first.get('msg', 'invalid')}")
 
     def embedder_or_503() -> tuple[E5VEmbedder, Scheduler]:
         if state.failure is not None:
@@ -201,11 +214,16 @@ def create_app(config: ServerConfig) -> FastAPI:
             "prompt_presets": sorted(PRESETS),
         }
 
-    @app.get("/metrics", summary="Prometheus metrics")
+    @app.get(
+        "/metrics",
+        summary="Prometheus metrics (text exposition format 0.0.4)",
+        response_class=Response,
+        responses={200: {"content": {PROMETHEUS: {"schema": {"type": "string"}}}}},
+    )
     async def prometheus() -> Response:
         if state.scheduler is not None:
             metrics.queue_items.set(state.scheduler.queued_items)
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4")
+        return Response(metrics.render(), media_type=PROMETHEUS)
 
     @app.get("/v1/models", summary="The served model (OpenAI's shape)")
     async def models(request: Request) -> dict[str, Any]:
@@ -285,18 +303,6 @@ def create_app(config: ServerConfig) -> FastAPI:
         finally:
             free_slot()
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            from fastapi.openapi.utils import get_openapi
-
-            schema = get_openapi(title=app.title, version="1", summary=app.summary, routes=app.routes)
-            models = EmbeddingRequest.model_json_schema(ref_template="#/components/schemas/{model}")
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            components.update(models.pop("$defs", {}))
-            components["EmbeddingRequest"] = models
-            app.openapi_schema = schema
-        return app.openapi_schema
-
     if config.store is not None:
         from e5v.server.search import add_search
 
@@ -312,15 +318,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             metrics=metrics,
         )
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    add_docs(app)
+    app.openapi = lambda: build_openapi(app, keyed=bool(config.api_keys))  # type: ignore[method-assign]
+    app.add_middleware(LastResort)  # added last: the outermost, so nothing escapes it
     return app
-
-
-def _error(status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error") -> JSONResponse:
-    """OpenAI's error shape."""
-    headers = {"Retry-After": "1"} if status in (429, 503) else None
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
 
 
 async def _read_json(request: Request, limit: int, timeout: float) -> dict[str, Any]:
@@ -348,57 +349,40 @@ async def _read_json(request: Request, limit: int, timeout: float) -> dict[str, 
             f"the request body did not arrive within the server's body timeout of {timeout:g} s; send it at once "
             "(or start the server with a longer --body-timeout)",
         ) from None
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"the request body is not valid JSON ({exc})") from None
-    if not isinstance(body, dict):
-        raise RequestError(400, f"the request body must be a JSON object, got {type(body).__name__}")
-    return body
+    return parse_json(raw)  # a 400 if it is not a JSON object, or nested too deep
 
 
 def _checked(
     body: dict[str, Any], config: ServerConfig, embedder: E5VEmbedder
 ) -> tuple[list[Any], dict[str, str], str]:
     """The body's requests, prompt bodies and encoding, or the :class:`RequestError` to answer."""
-    unknown = sorted(set(body) - set(EmbeddingRequest.model_fields))
-    if unknown:
-        raise RequestError(400, f"unknown fields {unknown}; see /docs for the request's shape", param=unknown[0])
-    if body.get("dimensions") is not None:
-        raise RequestError(
-            400,
-            f"dimensions is not supported: E5-V gives {embedder.dimension}-d vectors and is not trained for "
-            "shorter ones; leave dimensions out",
-            param="dimensions",
-        )
-    model = body.get("model")
-    if model is not None and model != config.model_name:
-        raise RequestError(
-            404, f"model {model!r} is not served here; this server serves {config.model_name!r}", param="model"
-        )
-    encoding = body.get("encoding_format") or "float"
-    if encoding not in ("float", "base64"):
-        raise RequestError(
-            400, f"encoding_format must be 'float' or 'base64', got {encoding!r}", param="encoding_format"
-        )
-    preset = body.get("prompts")
-    if preset is not None and preset not in PRESETS:
-        raise RequestError(400, f"unknown prompt preset {preset!r}; choose one of {sorted(PRESETS)}", param="prompts")
-    if "input" not in body:
-        raise RequestError(400, "the request has no 'input'", param="input")
-    items = body["input"]
-    if isinstance(items, list) and len(items) > config.max_client_batch_size:
+    items = body.get("input")
+    if isinstance(items, list) and len(items) > config.max_client_batch_size:  # before parsing them all
         raise RequestError(
             413,
             f"{len(items)} items is over the server's limit of {config.max_client_batch_size} a request; "
             "split the input",
             param="input",
         )
+    if body.get("dimensions") is not None:  # before parsing: the schema allows only null, this says why
+        raise RequestError(
+            400,
+            f"dimensions is not supported: E5-V gives {embedder.dimension}-d vectors and is not trained for "
+            "shorter ones; leave dimensions out",
+            param="dimensions",
+        )
+    request = embedding_request(body)
+    if request.model is not None and request.model != config.model_name:
+        raise RequestError(
+            404,
+            f"model {quoted(request.model)} is not served here; this server serves {config.model_name!r}",
+            param="model",
+        )
     try:
-        requests = parse_items(items, allow_remote=config.allow_remote_images)
+        requests = request.requests(allow_remote=config.allow_remote_images)
     except InvalidInputError as exc:
         raise RequestError(400, str(exc), param="input") from None
-    return requests, embedder.prompt_bodies(preset), encoding
+    return requests, embedder.prompt_bodies(request.prompts), request.encoding_format
 
 
 async def _wait(waiting: asyncio.Future[Embedded], future: Any, request: Request) -> Embedded | None:

@@ -35,7 +35,7 @@ from e5v.inputs import check_text, composed_request, decode_data_uri, image_requ
 from e5v.scheduler import QueueFullError, RequestTooLargeError, Scheduler
 from e5v.server.metrics import Metrics
 from e5v.server.page import add_page
-from e5v.server.schemas import RequestError
+from e5v.server.schemas import RequestError, quoted, refusal
 from e5v.server.thumbnails import ThumbnailError, Thumbnails, has_thumbnail
 from e5v.store import Hit, Store, StoredRecord
 
@@ -56,7 +56,7 @@ T = TypeVar("T")
 class SearchRequest(BaseModel):
     """A query: ``text``, ``image``, both (composed), or ``like`` alone."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     text: str | None = Field(
         default=None, description="the query text; with image, how to change the image (a composed query)"
@@ -140,7 +140,7 @@ def add_search(
     async def record(id_: str) -> StoredRecord:
         found = await stored(store.get_records, [id_], vectors=True)
         if not found:
-            raise RequestError(404, f"no record {id_!r} in collection {store.name!r}", param="id")
+            raise RequestError(404, f"no record {quoted(id_)} in collection {store.name!r}", param="id")
         return found[0]
 
     @app.get("/v1/collection", summary="The served collection: its model, record count and kinds")
@@ -195,10 +195,7 @@ def add_search(
         "/v1/records/{record_id}/thumbnail",
         summary="A JPEG thumbnail of an image record (made on first request, then kept)",
         response_class=Response,
-        responses={
-            200: {"content": {"image/jpeg": {}}},
-            404: {"description": "no such image record, or its file is gone"},
-        },
+        responses={200: {"content": {"image/jpeg": {"schema": {"type": "string", "format": "binary"}}}}},
     )
     async def thumbnail(record_id: str, request: Request) -> Response:
         authorize(request)
@@ -218,9 +215,7 @@ def _parsed(body: dict[str, Any]) -> SearchRequest:
     try:
         query = SearchRequest.model_validate(body)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or "body"
-        raise RequestError(400, f"{field}: {first['msg']}; see /docs for the search request", param=field) from None
+        raise refusal(exc, "the search request") from None
     text = query.text if query.text is not None and query.text.strip() else None
     if query.like is not None:
         if text is not None or query.image is not None:

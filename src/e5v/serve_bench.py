@@ -9,8 +9,8 @@ against the in-process call, and against the seconds the server's own model took
 takes every measure once, in turn, so that a noisy moment of the machine hits them all.
 
 :func:`run_soak` (``e5v bench-serve --soak SECONDS``) holds one server under a mixed load
-for a while instead: ``clients`` concurrent clients, joining one by one over the warm-up and
-sharing one pooled :class:`httpx.AsyncClient`, send short and long texts, batches of texts,
+for a while instead: ``clients`` concurrent clients, joining one by one over the first half of
+the warm-up and sharing one pooled :class:`httpx.AsyncClient`, send short and long texts, batches of texts,
 photos, composed and interleaved items and mixed batches (:data:`SOAK_MIX`), every answer
 checked against the same request's answer alone; it reports throughput, latencies, errors by
 kind and the server's resident memory over time (psutil where installed, else ``VmRSS`` from
@@ -340,6 +340,8 @@ SOAK_LONG = (5, 40)
 SOAK_POOL = 8
 #: Largest difference from the same request's answer alone that is still the same answer.
 SOAK_ATOL = 1e-4
+#: The longest default warm-up (else a third of the soak), seconds.
+SOAK_MAX_WARMUP = 120.0
 #: How far from 1 a vector's norm may be.
 NORM_TOLERANCE = 1e-3
 
@@ -404,7 +406,7 @@ class SoakReport:
 
     @property
     def rss_warm_mib(self) -> float:
-        """At the end of the warm-up, when every client has joined: what growth counts from."""
+        """At the end of the warm-up, half of it at full load: what growth counts from."""
         return next(sample.rss_mib for sample in self.rss if sample.t_s >= self.warmup_s)
 
     @property
@@ -481,15 +483,16 @@ def run_soak(
 ) -> SoakReport:
     """Hold ``e5v serve`` (a subprocess on a free loopback port, the bench's model options)
     under the mixed load of :data:`SOAK_MIX` for ``seconds``. The ``clients`` join one by one,
-    evenly over ``warmup`` (a sixth of ``seconds``, at most 30 s), at whose end resident
-    memory is measured from.
+    evenly over the first half of ``warmup`` (a third of ``seconds``, at most 120 s); the
+    second half is at full load, and resident memory's growth is counted from its end (the
+    server's allocator keeps its high-water mark, which the first rounds at full load raise).
 
     Each request body is first sent alone, and its answer kept; under load every answer must
     have one row an item, in order, of the same dimension, finite, of unit norm and within
     :data:`SOAK_ATOL` of that answer, or it counts as an error. A request that takes longer
     than ``request_timeout`` counts as a timeout. No request starts after the deadline.
     """
-    warmup = min(30.0, seconds / 6) if warmup is None else warmup
+    warmup = min(SOAK_MAX_WARMUP, seconds / 3) if warmup is None else warmup
     if not 0 <= warmup < seconds:
         raise ConfigurationError(f"the warm-up ({warmup:g} s) must be shorter than the soak ({seconds:g} s)")
     if importlib.util.find_spec("psutil") is None and not Path("/proc/self/status").exists():
@@ -657,7 +660,7 @@ class _Load:
     async def run(
         self, seconds: float, warmup: float, samples: list[float]
     ) -> tuple[list[_Record], list[RssSample], float]:
-        """Load for ``seconds``, the clients joining evenly over ``warmup``, memory sampled at
+        """Load for ``seconds``, the clients joining evenly over ``warmup / 2``, memory sampled at
         each of ``samples`` (seconds in) and at the end: the records, the samples and the
         seconds until the last request was answered. Raises :class:`~e5v.errors.E5VError`
         if the server exits."""
@@ -667,7 +670,7 @@ class _Load:
             base_url=f"http://127.0.0.1:{self.port}", limits=limits, timeout=self.timeout, headers=_JSON
         ) as client:
             start = time.monotonic()
-            self.joins = [start + warmup * number / self.clients for number in range(self.clients)]
+            self.joins = [start + warmup / 2 * number / self.clients for number in range(self.clients)]
             sampler = asyncio.create_task(self._sample(start, samples, rss))
             await asyncio.gather(
                 *(self._client(client, number, self.joins[number], start + seconds) for number in range(self.clients))
@@ -745,7 +748,7 @@ def format_soak_report(report: SoakReport) -> str:
     mix = ", ".join(f"{kind} {count}" for kind, count in report.mix.items())
     lines = [
         f"soak: model {report.model}, {report.seconds:g} s at {report.clients} clients on one pooled HTTP client, "
-        f"joining over the {report.warmup_s:g} s warm-up (load ended {report.elapsed_s:.1f} s in), "
+        f"joining over the first half of the {report.warmup_s:g} s warm-up (load ended {report.elapsed_s:.1f} s in), "
         f"request timeout {report.request_timeout_s:g} s",
         f"mix, requests of a cycle of {sum(report.mix.values())}: {mix}",
         f"answered {report.latency.requests} requests ({report.requests_per_s:.2f}/s), "

@@ -23,17 +23,17 @@ Needs the serve and bench extras. Quote ratios from one run.
 
 --soak SECONDS starts one server instead (the same options, batching on) and loads it for
 SECONDS from --clients concurrent clients on one pooled HTTP client; they join one by one over
-the --warmup. Each client repeats a shuffled cycle of 20 requests: 6 texts of one sentence
-(5-60 words), 2 long texts (5-40 sentences), 4 batches of 2-8 texts, 3 photos, 2 composed
-queries, 2 interleaved items (a photo and a caption) and 1 mixed batch (two texts, a photo,
-a composed query); photos are scikit-image's, as JPEG and PNG data URIs. Every body is first
-sent alone; under load each answer must have a finite unit vector an item, in order, within
-1e-4 of that first answer, or it is an error, as is any status but 200 and any request over
---request-timeout. It reports requests and items per second, p50 and p99 latency overall
-and per type, errors by kind, and the server's resident memory (psutil, else /proc) every
---sample-every seconds: at the start, after the warm-up and at the end. It passes (exit 0)
-with no errors and RSS grown at most --max-rss-growth percent after the warm-up; else it
-fails (exit 1) and says why.
+the first half of the --warmup, whose second half is at full load. Each client repeats a
+shuffled cycle of 20 requests: 6 texts of one sentence (5-60 words), 2 long texts (5-40
+sentences), 4 batches of 2-8 texts, 3 photos, 2 composed queries, 2 interleaved items (a photo
+and a caption) and 1 mixed batch (two texts, a photo, a composed query); photos are
+scikit-image's, as JPEG and PNG data URIs. Every body is first sent alone; under load each
+answer must have a finite unit vector an item, in order, within 1e-4 of that first answer, or
+it is an error, as is any status but 200 and any request over --request-timeout. It reports
+requests and items per second, p50 and p99 latency overall and per type, errors by kind, and
+the server's resident memory (psutil, else /proc) every --sample-every seconds: at the start,
+after the warm-up and at the end. It passes (exit 0) with no errors and RSS grown at most
+--max-rss-growth percent after the warm-up; else it fails (exit 1) and says why.
 
 examples:
   e5v bench-serve --random-init small                 # CPU, no download
@@ -43,7 +43,7 @@ examples:
 
 #: The batching comparison's options and their defaults (None on the parser: --soak refuses them).
 COMPARISON_DEFAULTS = {"texts": 32, "repeats": 3, "requests": 4}
-#: The soak's options and their defaults (warm-up: a sixth of --soak, at most 30 s).
+#: The soak's options and their defaults (warm-up: a third of --soak, at most 120 s).
 SOAK_DEFAULTS = {"clients": 64, "sample_every": 5.0, "warmup": None, "request_timeout": 60.0, "max_rss_growth": 10.0}
 
 
@@ -83,10 +83,10 @@ def register(subparsers: Any) -> None:
     comparison.add_argument("--requests", type=positive, help="requests each concurrent client sends (4)")
     soak = parser.add_argument_group("soak")
     soak.add_argument("--soak", type=seconds, metavar="SECONDS", help="load one server for SECONDS instead")
-    soak.add_argument("--clients", type=positive, help="concurrent clients, joining over the warm-up (64)")
+    soak.add_argument("--clients", type=positive, help="concurrent clients, joining in the warm-up (64)")
     soak.add_argument("--sample-every", type=seconds, metavar="S", help="seconds between RSS samples (5)")
     soak.add_argument(
-        "--warmup", type=seconds, metavar="S", help="seconds of load before RSS growth is counted (SECONDS/6, ≤ 30)"
+        "--warmup", type=seconds, metavar="S", help="seconds of load before RSS growth is counted (SECONDS/3, ≤ 120)"
     )
     soak.add_argument("--request-timeout", type=seconds, metavar="S", help="a request's time limit, then an error (60)")
     soak.add_argument(

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from e5v.batching import chunked, plan_batches
+from e5v.core.batching import chunked, plan_batches
 
 
 @given(

@@ -1,4 +1,4 @@
-"""``e5v.bench`` and ``e5v bench``: the report is real, both paths agree, errors are clear."""
+"""``e5v.bench.fastpath`` and ``e5v bench``: the report is real, both paths agree, errors are clear."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import sys
 import numpy as np
 import pytest
 
-from e5v import E5VEmbedder, runner
-from e5v.bench import (
+from e5v import E5VEmbedder
+from e5v.bench.fastpath import (
     MAX_RELATIVE_SPREAD,
     MIN_TIMED_SECONDS,
     SINGLE_REPETITION_MIN_SECONDS,
@@ -28,6 +28,7 @@ from e5v.bench import (
 )
 from e5v.cli import main
 from e5v.errors import E5VError
+from e5v.model import runner
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +167,7 @@ def test_the_cache_is_judged_alike_but_its_warm_run_may_be_short():
 
 
 def test_memory_is_measured_on_its_own_pass_and_timed_runs_keep_the_heap(tiny_path, monkeypatch):
-    from e5v import bench
+    from e5v.bench import fastpath as bench
 
     starts = []
     measure = bench._Memory.start
@@ -184,7 +185,7 @@ def test_the_warm_up_runs_the_workers_before_any_measurement(tiny_path, monkeypa
     """Worker threads' one-time costs (their allocator arenas) stay out of the memory pass."""
     import threading
 
-    from e5v import bench
+    from e5v.bench import fastpath as bench
 
     threads_seen: list[str] = []
     at_first_start: list[set[str]] = []

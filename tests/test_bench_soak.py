@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from e5v.serve_bench import SOAK_MIX, LatencyStats, RssSample, SoakReport, format_soak_report
+from e5v.bench.serving import SOAK_MIX, LatencyStats, RssSample, SoakReport, format_soak_report
 
 
 def soak(tiny_path: Path, tmp_path: Path, *options: str) -> tuple[subprocess.CompletedProcess[str], dict]:

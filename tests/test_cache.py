@@ -11,8 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from e5v import Composed, E5VEmbedder, runner
-from e5v.cache import EmbeddingCache, entry_key
+from e5v import Composed, E5VEmbedder
+from e5v.core.cache import EmbeddingCache, entry_key
+from e5v.model import runner
 
 
 @pytest.fixture
@@ -117,7 +118,7 @@ def test_corrupt_entries_are_recomputed_and_rewritten(tiny_path, tmp_path, damag
 
 
 def test_remote_urls_are_never_cached(tiny_path, tmp_path):
-    from e5v.cache import image_digest
+    from e5v.core.cache import image_digest
 
     assert image_digest("https://example.com/a.png") is None
     assert image_digest(tmp_path / "missing.png") is None

@@ -160,7 +160,7 @@ def test_dtype_is_stored_by_its_canonical_name(tiny_path: Path, ef: E5VEmbedding
 
 
 def test_custom_prompts_round_trip(tiny_path: Path, embedder: E5VEmbedder) -> None:
-    from e5v.prompts import PRESETS
+    from e5v.core.prompts import PRESETS
 
     custom = PRESETS["e5v"].with_overrides(name="mine", text="<sent>\nIn one word: ")
     function = E5VEmbeddingFunction(str(tiny_path), prompts=custom)
@@ -314,13 +314,13 @@ def test_reopened_in_a_new_process_embeds_with_e5v_again(
         import json, logging, sys
         import chromadb
         import chromadb_e5v
-        import e5v.loading
+        import e5v.model.loading
 
         loads = []
         handler = logging.Handler()
         handler.emit = lambda record: loads.append(record.getMessage())
-        logging.getLogger("e5v.loading").addHandler(handler)
-        logging.getLogger("e5v.loading").setLevel(logging.INFO)
+        logging.getLogger("e5v.model.loading").addHandler(handler)
+        logging.getLogger("e5v.model.loading").setLevel(logging.INFO)
 
         db, photo = sys.argv[1], sys.argv[2]
         collection = chromadb.PersistentClient(path=db).get_collection(
@@ -334,7 +334,7 @@ def test_reopened_in_a_new_process_embeds_with_e5v_again(
         print(json.dumps({
             "ranked": ranked,
             "embedders": len(embedders),
-            "models": len(e5v.loading._CACHE),
+            "models": len(e5v.model.loading._CACHE),
             "loads": [m for m in loads if m.startswith("loading ")],
             "stored": [list(map(float, v)) for v in stored],
         }))
@@ -385,7 +385,7 @@ def test_example_runs_on_a_tiny_checkpoint(tiny_path: Path, tmp_path: Path) -> N
 def test_model_loads_only_when_the_function_embeds(tiny_path: Path) -> None:
     # Chroma rebuilds the function from its config on every add, also when embeddings= are given:
     # building it, reading its config and comparing it must not load a model.
-    from e5v import loading
+    from e5v.model import loading
 
     before = dict(loading._CACHE)
     function = E5VEmbeddingFunction(tiny_path, dtype="bfloat16", batch_size=3)

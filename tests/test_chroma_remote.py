@@ -238,7 +238,7 @@ def test_a_collection_embeds_through_the_server_and_reopens_in_a_new_process(
         import json, sys
         import chromadb
         import chromadb_e5v
-        import e5v.loading
+        import e5v.model.loading
 
         collection = chromadb.PersistentClient(path=sys.argv[1]).get_collection("remote")
         found = collection.query(query_texts=[sys.argv[2]], n_results=int(sys.argv[3]))
@@ -248,7 +248,7 @@ def test_a_collection_embeds_through_the_server_and_reopens_in_a_new_process(
             "distances": found["distances"][0],
             "new": list(map(float, collection.get(ids=["new"], include=["embeddings"])["embeddings"][0])),
             "function": repr(collection.configuration["embedding_function"]),
-            "models": len(e5v.loading._CACHE),
+            "models": len(e5v.model.loading._CACHE),
         }))
         """
     )

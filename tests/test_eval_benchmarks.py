@@ -21,14 +21,14 @@ from PIL import Image
 
 from e5v import E5VEmbedder
 from e5v.cli import main
+from e5v.core.inputs import ImageLoader
 from e5v.evaluation import composed, image_text, sts
 from e5v.evaluation.benchmarks import load_task_data, run_task
 from e5v.evaluation.data import DatasetUnavailableError, DataSource
 from e5v.evaluation.encoder import Encoder
 from e5v.evaluation.paper import PAPER
 from e5v.evaluation.render import RenderedCaptions, load_font, render_text
-from e5v.inputs import ImageLoader
-from e5v.runner import last_states
+from e5v.model.runner import last_states
 
 datasets = pytest.importorskip("datasets")
 from datasets import Dataset, DatasetDict, Features, List, Value  # noqa: E402
@@ -490,7 +490,7 @@ def test_every_benchmark_runs_on_the_tiny_checkpoint_as_the_official_recipe(
 
 
 def test_last_states_normalised_equal_the_fast_path(embedder: E5VEmbedder) -> None:
-    from e5v import runner
+    from e5v.model import runner
 
     loaded = embedder._loaded
     prompts = [embedder.prompts.wrap(composed.CIRR_PROMPTS["composed"].replace("<sent>", t)) for t in ("a", "bb cc")]

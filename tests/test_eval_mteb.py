@@ -59,7 +59,7 @@ def test_flickr30k_text_to_image_scores_as_e5v_does(embedder, photos, tmp_path) 
 def test_cirr_composed_queries_score_with_the_papers_cirr_prompts(embedder, photos, tmp_path) -> None:
     """MTEB's own saved scores of an image+text -> image task equal e5v's composed query
     against the CIRR gallery prompt (not the default image prompt)."""
-    from e5v.prompts import GALLERY_PROMPT
+    from e5v.core.prompts import GALLERY_PROMPT
 
     images = [photos[name].convert("RGB").resize((40, 30)) for name in ("cat", "astronaut", "rocket", "coffee")]
     edits = ["make it a dog", "add a full moon"]

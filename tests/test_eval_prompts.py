@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import pytest
 
+from e5v.core.prompts import PRESETS, fill
 from e5v.evaluation import composed, image_text, sts
-from e5v.prompts import PRESETS, fill
 
 # retrieval.py
 llama3_template = (

@@ -247,7 +247,7 @@ def test_help_names_every_target_with_examples(capsys) -> None:
 
 
 def test_a_model_loaded_before_stays_shared_and_the_settings_own_are_freed(own_data: Path, tiny_path: Path, embedder):
-    from e5v import loading
+    from e5v.model import loading
 
     args = own_args(own_data, tiny_path)
     before = dict(loading._CACHE)

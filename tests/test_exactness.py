@@ -11,11 +11,11 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
 from e5v import Composed, E5VEmbedder, Interleaved
-from e5v.inputs import ImageLoader
-from e5v.reference import official_embedding
+from e5v.core.inputs import ImageLoader
+from e5v.model.reference import official_embedding
 
 TOL = 1e-5
-# The paper's prompts, written out literally (shared/docs/e5v-method.md), independent of e5v.prompts.
+# The paper's prompts, written out literally (shared/docs/e5v-method.md), independent of e5v.core.prompts.
 HEAD = "<|start_header_id|>user<|end_header_id|>\n\n"
 TAIL = "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n \n"
 TEXTS = [
@@ -108,7 +108,7 @@ def test_vector_does_not_depend_on_batch(pair, photos):
 
 def test_bos_token_starts_every_prompt(pair):
     embedder, _, processor = pair
-    from e5v import runner
+    from e5v.model import runner
 
     encoded = runner.encode(embedder._loaded, text_prompt("hello"), [])
     assert int(encoded.input_ids[0]) == processor.tokenizer.bos_token_id
@@ -116,7 +116,7 @@ def test_bos_token_starts_every_prompt(pair):
 
 def test_a_batch_is_tokenised_as_the_official_processor_tokenises_each_prompt(pair, photos):
     embedder, _, processor = pair
-    from e5v import runner
+    from e5v.model import runner
 
     loaded = embedder._loaded
     cat, rocket = rgb(photos["cat"]), rgb(photos["rocket"])
@@ -130,7 +130,7 @@ def test_a_batch_is_tokenised_as_the_official_processor_tokenises_each_prompt(pa
 
 def test_tokenize_refuses_a_prompt_whose_slots_and_images_differ(pair, photos):
     embedder, _, _ = pair
-    from e5v import runner
+    from e5v.model import runner
 
     loaded = embedder._loaded
     pixels = runner.process_images(loaded, [rgb(photos["cat"])])

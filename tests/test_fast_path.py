@@ -13,11 +13,12 @@ import torch
 from PIL import Image
 from transformers import AutoProcessor, LlavaNextForConditionalGeneration
 
-from e5v import Composed, E5VEmbedder, Interleaved, runner
+from e5v import Composed, E5VEmbedder, Interleaved
+from e5v.core.inputs import IMAGE_TOKEN, ImageLoader, composed_request, image_request, text_request
+from e5v.core.prompts import fill
 from e5v.errors import MissingDependencyError
-from e5v.inputs import IMAGE_TOKEN, ImageLoader, composed_request, image_request, text_request
-from e5v.prompts import fill
-from e5v.reference import official_embedding
+from e5v.model import runner
+from e5v.model.reference import official_embedding
 
 TOL = 1e-5
 
@@ -208,7 +209,7 @@ def test_images_of_unknown_size_are_bounded_by_the_largest_count(embedder, photo
 
 
 def test_batch_size_defaults_by_device(tiny_path):
-    from e5v.embedder import _batch_size
+    from e5v.core.embedder import _batch_size
 
     assert E5VEmbedder(tiny_path).batch_size == 16  # a CPU here
     assert E5VEmbedder(tiny_path, batch_size=3).batch_size == 3
@@ -330,7 +331,7 @@ def test_fast_path_equals_the_recipe_at_e5v_full_widths(photos):
     past the table, CLIP ViT-L/14-336 whole, anyres at 336 px (a photo is ~1500 tokens).
     About 10 GB of RAM in float32 and 3 minutes on 2 cores, so deselected by default (run it
     with ``-m full_widths``; ``.ci/device-bench`` runs it on the GPU machine's CPU)."""
-    from e5v.loading import add_image_token_row
+    from e5v.model.loading import add_image_token_row
     from e5v.testing import build_random_model, spec_with
 
     loaded = build_random_model(spec_with("e5v-8b", num_hidden_layers=2), device="cpu", dtype="float32")
@@ -424,7 +425,7 @@ def test_workers_are_checked_and_off_by_default(tiny_path):
 def test_prepared_ahead_a_batch_of_images_is_processed_on_threads_with_the_same_vectors(tiny_path, photos, monkeypatch):
     """Preparing ahead (as on a GPU), prompts' images go through the image processor side
     by side; the vectors do not change. Preparing in turn (a CPU), on the calling thread."""
-    from e5v import embedder as embedder_module
+    from e5v.core import embedder as embedder_module
 
     items = [photos["cat"], Composed(photos["cat"], "at night"), photos["rocket"], photos["text"], "a dog"]
     monkeypatch.setattr(embedder_module, "_image_threads", lambda: 1)

@@ -119,7 +119,7 @@ def test_unreachable_hub_loads_a_cached_model_with_one_warning(tmp_path: Path, n
     result = e5v("embed", "a photo of a cat", "--model", "e5v-test/tiny", "--output", tmp_path / "v.npy", env=no_hub)
     assert result.returncode == 0, result.stderr
     warning, wrote = result.stderr.splitlines()  # the warning once: the libraries' handlers do not repeat it
-    assert warning.startswith("WARNING e5v.loading: the Hugging Face Hub is unreachable")
+    assert warning.startswith("WARNING e5v.model.loading: the Hugging Face Hub is unreachable")
     assert "loading e5v-test/tiny from the cache" in warning
     assert wrote.startswith("wrote 1 embeddings")
 
@@ -221,7 +221,7 @@ def test_search_arguments_are_checked_before_the_model_loads(tmp_path: Path, tin
     with pytest.raises(SystemExit) as exited:
         main(["search", "a cat", "-k", "0", "--db", str(db)])
     assert exited.value.code == 2 and "argument -k: expected a positive number, got '0'" in capsys.readouterr().err
-    caplog.set_level("INFO", logger="e5v.loading")
+    caplog.set_level("INFO", logger="e5v.model.loading")
     assert main(["search", "--image", str(tmp_path / "nope.png"), "--db", str(db)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("e5v search: error: image file") and "does not exist" in err

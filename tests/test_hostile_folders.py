@@ -17,7 +17,7 @@ import chromadb
 import pytest
 
 from e5v.cli import main
-from e5v.indexing import Unchanged, load_file, stamp, walk
+from e5v.collection.records import Unchanged, load_file, stamp, walk
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 
@@ -139,7 +139,7 @@ def test_links_out_of_the_tree_are_not_followed_unless_asked(tmp_path: Path, tin
 
 
 def test_an_unchanged_file_is_skipped_by_its_stamp_then_its_hash(tmp_path: Path, tiny_path: Path, capsys) -> None:
-    from e5v.store import Store
+    from e5v.collection.repository import Store
 
     folder = tmp_path / "docs"
     (path,) = notes(folder, "long.txt")
@@ -160,7 +160,7 @@ def test_an_unchanged_file_is_skipped_by_its_stamp_then_its_hash(tmp_path: Path,
 RACER = """
 import sys, time
 from pathlib import Path
-import e5v.cli.index, e5v.store, tqdm.auto  # imported, so that the runs meet at the database
+import e5v.cli.index, e5v.collection.repository, tqdm.auto  # imported, so that the runs meet at the database
 from chromadb_e5v import E5VEmbeddingFunction
 from e5v.cli import main
 

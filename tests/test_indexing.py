@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from e5v.indexing import (
+from e5v.collection.records import (
     FileRecords,
     SkippedPath,
     Stored,
@@ -173,7 +173,7 @@ def test_unreadable_files_are_reported(tmp_path: Path, photos) -> None:
 
 @pytest.fixture
 def store(tmp_path: Path):
-    from e5v.store import Store
+    from e5v.collection.repository import Store
 
     return Store(tmp_path / "db", "test", create=True)
 
@@ -181,7 +181,7 @@ def store(tmp_path: Path):
 def test_a_file_the_model_refuses_is_isolated(tmp_path: Path, store, embedder, tiny_path: Path) -> None:
     """Images are checked while reading; a text with the reserved ``<image>`` placeholder
     fails only when embedded, in a group with other files: they are still indexed."""
-    from e5v.store import index_files
+    from e5v.collection.repository import index_files
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

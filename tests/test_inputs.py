@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from e5v import Composed, Interleaved, InvalidInputError
-from e5v.inputs import ImageLoader, to_request
+from e5v.core.inputs import ImageLoader, to_request
 
 
 def encode(image: Image.Image, fmt: str, **params) -> bytes:

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from e5v.memory import keep_freed_memory
+from e5v.server.memory import keep_freed_memory
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")

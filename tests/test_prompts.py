@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from e5v import prompts
-from e5v.prompts import PRESETS, PromptSet, fashioniq_prompts, fill, get_prompts
+from e5v.core import prompts
+from e5v.core.prompts import PRESETS, PromptSet, fashioniq_prompts, fill, get_prompts
 
 CHAT = (
     "<|start_header_id|>user<|end_header_id|>\n\n{BODY}<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n \n"

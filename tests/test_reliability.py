@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from e5v import E5VEmbedder, EmbeddingError, InvalidInputError, ModelLoadError
-from e5v.inputs import ImageLoader
-from e5v.prompts import PRESETS, fill
+from e5v.core.inputs import ImageLoader
+from e5v.core.prompts import PRESETS, fill
 
 TAIL = "<|start_header_id|>assistant<|end_header_id|>\n\n \n"
 
@@ -37,7 +37,7 @@ def test_one_bad_item_fails_the_whole_call_naming_it(embedder, photos):
 
 
 def test_out_of_memory_halves_the_batch_and_gives_identical_results(embedder, photos, monkeypatch):
-    from e5v import embedder as embedder_module
+    from e5v.core import embedder as embedder_module
 
     items = ["a cat", photos["cat"], "a rocket on its pad", photos["rocket"], "coffee", photos["camera"]]
     expected = embedder.embed(items, batch_size=6)
@@ -63,7 +63,7 @@ def test_out_of_memory_halves_the_batch_and_gives_identical_results(embedder, ph
 
 
 def test_non_finite_outputs_are_raised_not_returned(embedder, monkeypatch):
-    from e5v import embedder as embedder_module
+    from e5v.core import embedder as embedder_module
 
     def overflowing(loaded, batch):
         return torch.full((len(batch), embedder.dimension), float("nan"))

@@ -25,9 +25,9 @@ import numpy as np
 import pytest
 
 from e5v import InvalidInputError, remote
+from e5v.core.inputs import ImageLoader
+from e5v.core.remote import RemotePolicy, fetch
 from e5v.errors import ConfigurationError
-from e5v.inputs import ImageLoader
-from e5v.remote import RemotePolicy, fetch
 
 PNG = b""
 TRICKLE_STEPS = 40  # one byte every 0.5 s: 20 s at most, far past the timeouts used below

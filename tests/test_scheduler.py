@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from e5v import Composed
+from e5v.core.inputs import image_request, text_request
 from e5v.errors import InvalidInputError
-from e5v.inputs import image_request, text_request
-from e5v.scheduler import QueueFullError, RoundStats, Scheduler
+from e5v.server.scheduler import QueueFullError, RoundStats, Scheduler
 
 
 def texts(*values: str) -> list:
@@ -123,7 +123,7 @@ def test_a_large_job_is_spread_over_rounds_and_a_one_item_job_waits_one_round(em
 
 
 def test_a_job_over_the_pixel_budget_is_refused(embedder) -> None:
-    from e5v.scheduler import RequestTooLargeError
+    from e5v.server.scheduler import RequestTooLargeError
 
     image = Image.new("1", (3000, 2000))  # 6 M pixels, a few hundred bytes as PNG
     buffer = io.BytesIO()
@@ -142,7 +142,7 @@ def test_a_job_over_the_pixel_budget_is_refused(embedder) -> None:
 def test_prepared_items_embed_as_the_embedder_does(embedder, photo_dir) -> None:
     """prepare + embed_prepared (the server's path) give the in-process vectors, prompt
     presets mixed in one round, and each item's token count as embedded."""
-    from e5v.inputs import Interleaved, composed_request, interleaved_request
+    from e5v.core.inputs import Interleaved, composed_request, interleaved_request
 
     cat = (photo_dir / "cat.png").read_bytes()
     default, cirr = embedder.prompt_bodies(), embedder.prompt_bodies("cirr")

@@ -59,7 +59,7 @@ def server(db: Path, tiny_path: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def store(db: Path, server: str):
     """The same collection, read in this process."""
-    from e5v.store import Store
+    from e5v.collection.repository import Store
 
     return Store(db)
 
@@ -92,7 +92,7 @@ def metric(url: str, name: str) -> float:
 
 def by_path(store, name: str, passage: int | None = None) -> str:
     """The id of the record of the file ``name`` (of its ``passage`` for a text)."""
-    from e5v.indexing import record_id
+    from e5v.collection.records import record_id
 
     return record_id(str(next(Path(path) for path in store.paths() if Path(path).name == name)), passage)
 
@@ -288,8 +288,8 @@ def test_serve_db_refuses_what_it_cannot_serve(db: Path, tmp_path: Path) -> None
 def test_a_pdf_pages_thumbnail_is_its_rendering(tmp_path: Path, tiny_path: Path) -> None:
     """A page's image and interleaved records get the page drawn, made once; its text record none."""
     pytest.importorskip("pypdfium2")
+    from e5v.collection.repository import Store
     from e5v.server.thumbnails import ThumbnailError, Thumbnails
-    from e5v.store import Store
 
     (tmp_path / "docs").mkdir()
     shutil.copy(EXAMPLES / "hubble-deep-field.pdf", tmp_path / "docs")

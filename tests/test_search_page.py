@@ -311,8 +311,8 @@ def test_readable_at_phone_width(browser, open_server) -> None:
 
 
 def test_hostile_names_and_notes_render_as_text(browser, locked_server) -> None:
-    from e5v.indexing import record_id
-    from e5v.store import Store
+    from e5v.collection.records import record_id
+    from e5v.collection.repository import Store
 
     url, corpus = locked_server
     hostile_id = record_id(str(corpus / XSS_NAME))

@@ -24,7 +24,7 @@ from PIL import Image
 from serving import KEY, free_port, start_server, stop
 
 from e5v import Composed, Interleaved
-from e5v.inputs import text_request
+from e5v.core.inputs import text_request
 
 ATOL = 1e-5
 

@@ -16,7 +16,7 @@ from fastapi import FastAPI
 from serving import KEY, free_port, start_server, stop
 
 from e5v.server.errors import LastResort
-from e5v.server.schemas import QUOTE_LIMIT
+from e5v.wire.schema import QUOTE_LIMIT
 
 AUTH = {"Authorization": f"Bearer {KEY}"}
 

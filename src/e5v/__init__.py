@@ -6,14 +6,14 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
 from e5v.client import Embedder, RemoteEmbedder
+from e5v.core.inputs import Composed, Interleaved
+from e5v.core.prompts import PromptSet
+from e5v.core.similarity import ContrastiveRanking, contrastive_rank, cosine_similarity
 from e5v.defaults import DEFAULT_MODEL
 from e5v.errors import E5VError, EmbeddingError, InvalidInputError, ModelLoadError
-from e5v.inputs import Composed, Interleaved
-from e5v.prompts import PromptSet
-from e5v.similarity import ContrastiveRanking, contrastive_rank, cosine_similarity
 
 if TYPE_CHECKING:
-    from e5v.embedder import E5VEmbedder
+    from e5v.core.embedder import E5VEmbedder
 
 try:
     __version__ = version("e5v")
@@ -42,7 +42,7 @@ __all__ = [
 def __getattr__(name: str) -> Any:
     """Import the embedder (and torch) on first use, so ``e5v --help`` stays fast."""
     if name == "E5VEmbedder":
-        from e5v.embedder import E5VEmbedder
+        from e5v.core.embedder import E5VEmbedder
 
         return E5VEmbedder
     raise AttributeError(f"module 'e5v' has no attribute {name!r}")

@@ -1,6 +1,6 @@
-"""``RemoteEmbedder``: the :class:`~e5v.embedder.E5VEmbedder` methods, answered by an ``e5v serve``.
+"""``RemoteEmbedder``: the :class:`~e5v.core.embedder.E5VEmbedder` methods, answered by an ``e5v serve``.
 
-Items are sent as ``POST /v1/embeddings`` items (see :mod:`e5v.server.schemas`); images
+Items are sent as ``POST /v1/embeddings`` items (see :mod:`e5v.wire.schema`); images
 travel as their encoded bytes in ``data:`` URIs (files are read here, PIL images and
 arrays are encoded as PNG), and the server decodes them. A list goes in as many requests as
 keep each within the server's ``max_client_batch_size`` items and ``max_request_pixels``
@@ -40,9 +40,9 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from e5v.core.inputs import Composed, ImageLoader, Interleaved, as_list, check_lengths, decode_data_uri, describe
 from e5v.errors import ConfigurationError, E5VError, EmbeddingError, InvalidInputError
-from e5v.inputs import Composed, ImageLoader, Interleaved, as_list, check_lengths, decode_data_uri, describe
-from e5v.server.schemas import EmbeddingResponse, ErrorResponse
+from e5v.wire.schema import EmbeddingResponse, ErrorResponse
 
 __all__ = ["API_KEY_ENV_VAR", "DEFAULT_TIMEOUT", "MAX_RETRY_AFTER", "Embedder", "RemoteEmbedder"]
 
@@ -65,7 +65,7 @@ _DEADLINE: ContextVar[float | None] = ContextVar("e5v_remote_deadline", default=
 
 @runtime_checkable
 class Embedder(Protocol):
-    """What both :class:`~e5v.embedder.E5VEmbedder` and :class:`RemoteEmbedder` do; each
+    """What both :class:`~e5v.core.embedder.E5VEmbedder` and :class:`RemoteEmbedder` do; each
     method also takes ``batch_size`` and ``show_progress_bar`` (``None``: the default)."""
 
     @property
@@ -237,7 +237,7 @@ class RemoteEmbedder:
         return self._embed(_interleaved(items), **options)
 
     def embed(self, items: Sequence[Any], *, prompts: str | None = None, **options: Any) -> np.ndarray:
-        """A mixed list, as :meth:`E5VEmbedder.embed <e5v.embedder.E5VEmbedder.embed>` takes it;
+        """A mixed list, as :meth:`E5VEmbedder.embed <e5v.core.embedder.E5VEmbedder.embed>` takes it;
         ``prompts``: a preset name the server knows."""
         return self._embed(_mixed(items), prompts, **options)
 

@@ -29,7 +29,7 @@ FEATURES: dict[str, Feature] = {
     "ray": Feature("bulk embedding on Ray Data (e5v embed-dataset, e5v.ray)", 'pip install "e5v[ray]"'),
     "bench": Feature("the benchmark's photos (e5v bench)", 'pip install "e5v[bench]"'),
     "chroma": Feature(
-        "indexing and search (e5v index, e5v search, e5v.store)",
+        "indexing and search (e5v index, e5v search, e5v.collection.repository)",
         "pip install ./integrations/chroma (from the root of the e5v repository; it brings chromadb)",
     ),
     "serve": Feature("the embedding server (e5v serve, e5v.server)", 'pip install "e5v[serve]"'),

@@ -6,7 +6,7 @@ fits in the best cell of E5-V's anyres grid (336-px tiles: 336x672, 672x336, 672
 model then sees every pixel drawn, and nothing is drawn in vain (an A4 page: 476x672,
 a 16:9 slide: 672x378). Page numbers count from 1, as PDF viewers show them.
 
-For :func:`e5v.store.index_files` a page becomes records: its rendering (kind
+For :func:`e5v.collection.repository.index_files` a page becomes records: its rendering (kind
 ``image``), its text cut into passages as text files are (``text``, with the character
 span in the page's text) and, when asked, the rendering and the text as ONE interleaved
 vector (``interleaved``). Every record's path is the PDF's, with ``page`` beside it.
@@ -32,9 +32,9 @@ from typing import IO, Any
 
 from PIL import Image
 
+from e5v.collection.records import PdfFile, Record, open_regular, printable_path, record_id, split_passages
+from e5v.core.inputs import Interleaved
 from e5v.errors import ConfigurationError, InvalidInputError
-from e5v.indexing import PdfFile, Record, open_regular, printable_path, record_id, split_passages
-from e5v.inputs import Interleaved
 from e5v.optional import require
 
 __all__ = [
@@ -253,7 +253,7 @@ class Page:
 
 
 def read_pdf(path: str | Path) -> Iterator[Page]:
-    """Each page of the PDF at ``path``, read and rendered (as :func:`e5v.store.index_files`
+    """Each page of the PDF at ``path``, read and rendered (as :func:`e5v.collection.repository.index_files`
     embeds it) one at a time; a page that cannot be read is left out with a warning.
     Raises :class:`~e5v.errors.InvalidInputError` for a PDF that cannot be opened."""
     with _named(path) as pdf:

@@ -22,10 +22,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import pyarrow as pa
 
-from e5v.batching import check_batch_size
-from e5v.embedder import DEFAULT_MODEL
+from e5v.core.batching import check_batch_size
+from e5v.core.embedder import DEFAULT_MODEL
+from e5v.core.inputs import Interleaved, describe
 from e5v.errors import InvalidInputError
-from e5v.inputs import Interleaved, describe
 
 if TYPE_CHECKING:
     import ray.data
@@ -145,7 +145,7 @@ class _EmbedBatch:
         error_column: str,
         embedder_options: dict[str, Any],
     ) -> None:
-        from e5v.embedder import E5VEmbedder
+        from e5v.core.embedder import E5VEmbedder
 
         self.embedder = E5VEmbedder(model_name, **embedder_options)
         self.text_column = text_column

@@ -39,7 +39,7 @@ import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from e5v.prompts import IMAGE_TOKEN, LLAMA3_SPECIAL_TOKENS
+from e5v.model.vocabulary import IMAGE_TOKEN, LLAMA3_SPECIAL_TOKENS
 
 __all__ = [
     "COMMON_WORDS",
@@ -251,7 +251,7 @@ def build_tiny_checkpoint(path: str | Path, preset: str | CheckpointSpec = "tiny
     import torch
     from transformers import LlavaNextForConditionalGeneration
 
-    from e5v.loading import quiet_transformers
+    from e5v.model.loading import quiet_transformers
 
     spec = PRESETS[preset] if isinstance(preset, str) else preset
     path = Path(path)
@@ -293,13 +293,13 @@ def _build_processor(spec: CheckpointSpec, tokenizer):  # -> LlavaNextProcessor
 
 def build_random_model(
     preset: str | CheckpointSpec, *, device: str = "cpu", dtype: str = "float32", seed: int = 0
-):  # -> e5v.loading.LoadedModel
+):  # -> e5v.model.loading.LoadedModel
     """A random model built directly on ``device`` in ``dtype``, never saved, ready for
     ``E5VEmbedder(loaded)``. ``"e5v-8b"`` takes 16 GB in bfloat16 (32 GB in float32)."""
     import torch
     from transformers import LlavaNextForConditionalGeneration
 
-    from e5v.loading import LoadedModel, resolve_dtype
+    from e5v.model.loading import LoadedModel, resolve_dtype
 
     spec = PRESETS[preset] if isinstance(preset, str) else preset
     target_device, target_dtype = torch.device(device), resolve_dtype(dtype, torch.device(device))

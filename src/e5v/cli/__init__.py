@@ -77,8 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def exit_status(exc: BaseException) -> int:
     """2 when the command could not run as asked, 1 when it ran and failed."""
+    from e5v.collection.repository import StoreError
     from e5v.errors import ConfigurationError, InvalidInputError, MissingDependencyError, ModelLoadError
-    from e5v.store import StoreError
 
     usage = (ConfigurationError, InvalidInputError, MissingDependencyError, ModelLoadError, StoreError)
     return 2 if isinstance(exc, usage) else 1

@@ -72,7 +72,7 @@ def run(args: argparse.Namespace) -> int:
     from e5v.optional import require
 
     require("skimage", "bench")
-    from e5v.bench import format_report, run_bench
+    from e5v.bench.fastpath import format_report, run_bench
 
     report = run_bench(
         None if args.random_init else args.model,

@@ -100,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     require("skimage", "bench")
     require("fastapi", "serve")
-    from e5v.serve_bench import format_serve_report, format_soak_report, run_serve_bench, run_soak
+    from e5v.bench.serving import format_serve_report, format_soak_report, run_serve_bench, run_soak
 
     mode, other = (
         (SOAK_DEFAULTS, COMPARISON_DEFAULTS) if args.soak is not None else (COMPARISON_DEFAULTS, SOAK_DEFAULTS)

@@ -13,8 +13,8 @@ from e5v.errors import ConfigurationError
 
 if TYPE_CHECKING:
     from e5v.client import Embedder, RemoteEmbedder
-    from e5v.embedder import E5VEmbedder
-    from e5v.store import Store
+    from e5v.collection.repository import Store
+    from e5v.core.embedder import E5VEmbedder
 
 __all__ = [
     "add_collection_options",
@@ -90,8 +90,8 @@ def dtype_option(value: str) -> str:
 
 
 def _checked(value: str, check: Callable[[Any], object]) -> str:
-    """``value`` if ``check(e5v.loading)`` accepts it, else argparse's error with e5v's message."""
-    from e5v import loading
+    """``value`` if ``check(e5v.model.loading)`` accepts it, else argparse's error with e5v's message."""
+    from e5v.model import loading
 
     try:
         check(loading)
@@ -179,7 +179,7 @@ def connect_from_args(store: Store, args: argparse.Namespace) -> Embedder:
 
 def embedder_from_args(args: argparse.Namespace, **options: object) -> E5VEmbedder:
     """Load the model once for this command, from the model options."""
-    from e5v.embedder import E5VEmbedder
+    from e5v.core.embedder import E5VEmbedder
 
     return E5VEmbedder(
         args.model,

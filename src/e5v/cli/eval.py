@@ -194,7 +194,7 @@ def _setting_value(key: str, value: str, text: str) -> Any:
     except argparse.ArgumentTypeError as exc:
         raise ConfigurationError(f"--compare {text!r}: {exc}") from None
     if key == "prompts":
-        from e5v.prompts import PRESETS
+        from e5v.core.prompts import PRESETS
 
         if value not in PRESETS:
             raise ConfigurationError(f"--compare {text!r}: unknown prompt preset; choose one of {sorted(PRESETS)}")
@@ -204,8 +204,8 @@ def _setting_value(key: str, value: str, text: str) -> Any:
 
 
 def _embedder(args: argparse.Namespace, setting: dict[str, Any]) -> Any:
-    from e5v.cache import EmbeddingCache
-    from e5v.embedder import E5VEmbedder
+    from e5v.core.cache import EmbeddingCache
+    from e5v.core.embedder import E5VEmbedder
     from e5v.evaluation.data import default_cache_dir
 
     cache = None if args.no_cache else EmbeddingCache(args.cache or default_cache_dir() / "embeddings")
@@ -225,11 +225,11 @@ def _embedder(args: argparse.Namespace, setting: dict[str, Any]) -> Any:
 def _run_benchmarks(
     args: argparse.Namespace, tasks: list[str], settings: dict[str, dict[str, Any]], output: Path, progress: bool
 ) -> dict[str, dict[str, Any]]:
-    from e5v import loading
     from e5v.evaluation.benchmarks import load_tasks, run_task
     from e5v.evaluation.data import DataSource
     from e5v.evaluation.encoder import Encoder
     from e5v.evaluation.render import load_font
+    from e5v.model import loading
 
     source = DataSource(args.data_dir, progress=progress)
     data = load_tasks(tasks, source, limit=args.limit)  # before any model loads
@@ -255,9 +255,9 @@ def _submission_path(args: argparse.Namespace, output: Path, number: int, settin
 def _run_retrieval(
     args: argparse.Namespace, settings: dict[str, dict[str, Any]], progress: bool
 ) -> dict[str, dict[str, Any]]:
-    from e5v import loading
+    from e5v.core.prompts import get_prompts
     from e5v.evaluation.retrieval import evaluate_retrieval, read_items, read_qrels
-    from e5v.prompts import get_prompts
+    from e5v.model import loading
 
     queries, corpus = read_items(args.queries), read_items(args.corpus)
     qrels = read_qrels(args.qrels, queries, corpus)

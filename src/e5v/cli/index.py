@@ -92,8 +92,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from e5v.indexing import SkippedPath, printable_path
-    from e5v.store import Store, index_files
+    from e5v.collection.records import SkippedPath, printable_path
+    from e5v.collection.repository import Store, index_files
 
     def report(skipped: SkippedPath) -> None:
         # above the progress bars

@@ -19,7 +19,7 @@ from e5v.cli.common import (
 )
 
 if TYPE_CHECKING:
-    from e5v.store import Hit
+    from e5v.collection.repository import Hit
 
 __all__ = ["register"]
 
@@ -69,9 +69,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from e5v.collection.repository import Store, StoreError
+    from e5v.core.inputs import ImageLoader
     from e5v.errors import InvalidInputError
-    from e5v.inputs import ImageLoader
-    from e5v.store import Store, StoreError
 
     if args.text is None and args.image is None:
         sys.stderr.write("e5v search: error: give a query TEXT, an --image, or both\n")
@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _table(hits: Sequence[Hit]) -> str:
-    from e5v.indexing import printable_path
+    from e5v.collection.records import printable_path
 
     rows = [("rank", "score", "kind", "path", "passage")]
     for hit in hits:

@@ -13,8 +13,8 @@ from e5v.cli.common import add_model_options, positive
 from e5v.defaults import DEFAULT_MAX_REQUEST_PIXELS, DEFAULT_MODEL
 
 if TYPE_CHECKING:
-    from e5v.embedder import E5VEmbedder
-    from e5v.store import Store
+    from e5v.collection.repository import Store
+    from e5v.core.embedder import E5VEmbedder
 
 __all__ = ["register"]
 
@@ -181,9 +181,9 @@ def run(args: argparse.Namespace) -> int:
     require("prometheus_client", "serve")
     from e5v.cli.common import embedder_from_args
     from e5v.errors import ConfigurationError
-    from e5v.memory import keep_freed_memory
     from e5v.server.app import ServerConfig, create_app
     from e5v.server.http import allowed_hosts, bounded_protocol, loopback
+    from e5v.server.memory import keep_freed_memory
 
     keys = _keys(args)
     if args.db is not None and not keys and not loopback(args.host):
@@ -275,10 +275,10 @@ def _keys(args: argparse.Namespace) -> list[str]:
 def _collection(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Store, str, Callable[[], E5VEmbedder]]:
     """The store of ``--db``, its model's name, and how to load that model with the
     collection's revision, dtype and prompts (as ``e5v search`` does). Raises
-    :class:`~e5v.store.StoreError` for a missing or empty collection, or another ``--model``."""
-    from e5v.embedder import E5VEmbedder
-    from e5v.prompts import PromptSet
-    from e5v.store import Store, StoreError
+    :class:`~e5v.collection.repository.StoreError` for a missing or empty collection, or another ``--model``."""
+    from e5v.collection.repository import Store, StoreError
+    from e5v.core.embedder import E5VEmbedder
+    from e5v.core.prompts import PromptSet
 
     store = Store(args.db, args.collection)
     if store.count() == 0:

@@ -18,11 +18,11 @@ from typing import Any
 
 import numpy as np
 
+from e5v.core.prompts import COMPOSED_PROMPT, GALLERY_PROMPT, PromptSet, fashioniq_prompts
 from e5v.errors import InvalidInputError
 from e5v.evaluation.encoder import Column, Encoder
 from e5v.evaluation.metrics import MASKED_SCORE, hit_rate, positive_ranks, top_k
 from e5v.evaluation.results import TaskResult
-from e5v.prompts import COMPOSED_PROMPT, GALLERY_PROMPT, PromptSet, fashioniq_prompts
 
 __all__ = [
     "CIRR_DATASETS",

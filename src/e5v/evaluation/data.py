@@ -180,7 +180,7 @@ def _hub_problem() -> str | None:
 
     if constants.is_offline_mode():
         return "HF_HUB_OFFLINE=1 is set"
-    from e5v.loading import _hub_problem as probe
+    from e5v.model.loading import _hub_problem as probe
 
     return probe(constants.ENDPOINT)
 

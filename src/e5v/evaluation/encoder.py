@@ -13,15 +13,15 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from e5v import runner
-from e5v.batching import plan_batches
-from e5v.cache import entry_key, image_digest
+from e5v.core.batching import plan_batches
+from e5v.core.cache import entry_key, image_digest
+from e5v.core.inputs import ImageLoader
+from e5v.core.prompts import check_body, fill
 from e5v.errors import EmbeddingError
-from e5v.inputs import ImageLoader
-from e5v.prompts import check_body, fill
+from e5v.model import runner
 
 if TYPE_CHECKING:
-    from e5v.embedder import E5VEmbedder
+    from e5v.core.embedder import E5VEmbedder
 
 __all__ = ["Column", "Encoder"]
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from e5v.core.prompts import IMAGE_PROMPT, TEXT_PROMPT
 from e5v.errors import InvalidInputError
 from e5v.evaluation.encoder import Column, Encoder
 from e5v.evaluation.metrics import hit_rate, positive_ranks
 from e5v.evaluation.render import RenderedCaptions
 from e5v.evaluation.results import TaskResult
-from e5v.prompts import IMAGE_PROMPT, TEXT_PROMPT
 
 __all__ = ["CAPTIONS_PER_IMAGE", "DATASETS", "KS", "PROMPTS", "captions_of", "run_image_text"]
 

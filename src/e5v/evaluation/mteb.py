@@ -23,8 +23,8 @@ from typing import Any
 
 import numpy as np
 
-from e5v.embedder import E5VEmbedder
-from e5v.inputs import Composed, Interleaved
+from e5v.core.embedder import E5VEmbedder
+from e5v.core.inputs import Composed, Interleaved
 from e5v.optional import require
 
 require("mteb", "eval")

@@ -25,13 +25,13 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from e5v.core.inputs import Composed, Interleaved
 from e5v.errors import InvalidInputError
 from e5v.evaluation.metrics import judged_ranks, mrr_at, ndcg_at, recall_at
 from e5v.evaluation.results import TaskResult
-from e5v.inputs import Composed, Interleaved
 
 if TYPE_CHECKING:
-    from e5v.embedder import E5VEmbedder
+    from e5v.core.embedder import E5VEmbedder
 
 __all__ = ["DEFAULT_KS", "Item", "evaluate_retrieval", "read_items", "read_qrels"]
 
@@ -165,7 +165,7 @@ def evaluate_retrieval(
     progress: bool = False,
 ) -> dict[str, TaskResult]:
     """Metrics by kind of query (``text``, ``image``, ``composed``: each kind present) and over
-    ``all`` when there are several kinds. ``prompts``: a preset of :data:`e5v.prompts.PRESETS`
+    ``all`` when there are several kinds. ``prompts``: a preset of :data:`e5v.core.prompts.PRESETS`
     (default: the embedder's)."""
     judged = [q for q in queries if any(score > 0 for score in qrels.get(q.id, {}).values())]
     if not judged:

@@ -16,11 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from e5v.core.prompts import STS_TEXT_PROMPT, TEXT_PLACEHOLDER, fill
 from e5v.errors import InvalidInputError
 from e5v.evaluation.encoder import Encoder
 from e5v.evaluation.metrics import spearman
 from e5v.evaluation.results import TaskResult
-from e5v.prompts import STS_TEXT_PROMPT, TEXT_PLACEHOLDER, fill
 
 __all__ = ["STS_SUBSETS", "STS_TASKS", "read_sts", "run_sts", "sts_body", "sts_sentence"]
 

@@ -1,4 +1,4 @@
-"""The ASGI app of ``e5v serve``: HTTP in front of one :class:`~e5v.scheduler.Scheduler`.
+"""The ASGI app of ``e5v serve``: HTTP in front of one :class:`~e5v.server.scheduler.Scheduler`.
 
 Routes: ``POST /v1/embeddings`` (OpenAI's shape, multimodal items), ``GET /v1/models``,
 ``GET /health`` (alive), ``GET /ready`` (503 while the model loads), ``GET /info``,
@@ -30,10 +30,14 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware.cors import CORSMiddleware
 
-from e5v.embedder import E5VEmbedder
+from e5v.core.embedder import E5VEmbedder
+from e5v.core.prompts import PRESETS
 from e5v.errors import ConfigurationError, E5VError, InvalidInputError
-from e5v.prompts import PRESETS
-from e5v.scheduler import (
+from e5v.server.errors import LastResort, error_response
+from e5v.server.http import CloseOn408, HostCheck
+from e5v.server.metrics import Metrics
+from e5v.server.openapi import PROMETHEUS, add_docs, build_openapi
+from e5v.server.scheduler import (
     DEFAULT_MAX_REQUEST_PIXELS,
     Embedded,
     QueueFullError,
@@ -41,14 +45,10 @@ from e5v.scheduler import (
     RoundStats,
     Scheduler,
 )
-from e5v.server.errors import LastResort, error_response
-from e5v.server.http import CloseOn408, HostCheck
-from e5v.server.metrics import Metrics
-from e5v.server.openapi import PROMETHEUS, add_docs, build_openapi
-from e5v.server.schemas import RequestError, embedding_request, parse_json, quoted
+from e5v.wire.schema import RequestError, embedding_request, parse_json, quoted
 
 if TYPE_CHECKING:
-    from e5v.store import Store
+    from e5v.collection.repository import Store
 
 __all__ = ["ServerConfig", "create_app"]
 

@@ -1,7 +1,7 @@
 """The last word of ``e5v serve`` on a request that went wrong where no handler expected it.
 
 :class:`LastResort` is the outermost middleware: an exception that escapes every handler
-becomes a 500 in the API's error shape (a :class:`~e5v.server.schemas.RequestError` that
+becomes a 500 in the API's error shape (a :class:`~e5v.wire.schema.RequestError` that
 escaped, say from a middleware, its own status), logged once with its traceback. The
 exception does not reach uvicorn, which would close the connection after Starlette's
 plain-text 500: the client's keep-alive connection stays usable.
@@ -14,7 +14,7 @@ import logging
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from e5v.server.schemas import ErrorBody, ErrorResponse, RequestError, quoted
+from e5v.wire.schema import ErrorBody, ErrorResponse, RequestError, quoted
 
 __all__ = ["LastResort", "error_response"]
 

@@ -22,7 +22,7 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from e5v.server.schemas import ErrorBody, ErrorResponse
+from e5v.wire.schema import ErrorBody, ErrorResponse
 
 __all__ = ["LOOPBACK_HOSTS", "CloseOn408", "HostCheck", "allowed_hosts", "bounded_protocol", "host_name", "loopback"]
 

@@ -1,7 +1,7 @@
 """The OpenAPI schema of ``e5v serve``, true to what it answers, and Swagger UI at ``/docs``.
 
 :func:`build_openapi` documents every route's request and response bodies, and each 4xx
-and 5xx it can answer in the error shape (:class:`~e5v.server.schemas.ErrorResponse`),
+and 5xx it can answer in the error shape (:class:`~e5v.wire.schema.ErrorResponse`),
 with ``Retry-After`` on 429 and 503. :func:`add_docs` serves Swagger UI 5 (the first to
 read OpenAPI 3.1, which FastAPI writes) from the ``fastapi-swagger`` package's files, so
 ``/docs`` works offline, under a Content-Security-Policy that allows nothing from elsewhere
@@ -22,7 +22,7 @@ from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-from e5v.server.schemas import EmbeddingRequest, EmbeddingResponse, ErrorResponse
+from e5v.wire.schema import EmbeddingRequest, EmbeddingResponse, ErrorResponse
 
 __all__ = ["DOCS_CONTENT_SECURITY_POLICY", "PROMETHEUS", "Readiness", "add_docs", "build_openapi"]
 

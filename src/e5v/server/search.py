@@ -28,16 +28,16 @@ from fastapi.responses import Response
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from e5v.embedder import E5VEmbedder
+from e5v.collection.repository import Hit, Store, StoredRecord
+from e5v.core.embedder import E5VEmbedder
+from e5v.core.inputs import Request as Item
+from e5v.core.inputs import check_text, composed_request, decode_data_uri, image_request, text_request
 from e5v.errors import E5VError, InvalidInputError
-from e5v.inputs import Request as Item
-from e5v.inputs import check_text, composed_request, decode_data_uri, image_request, text_request
-from e5v.scheduler import QueueFullError, RequestTooLargeError, Scheduler
 from e5v.server.metrics import Metrics
 from e5v.server.page import add_page
-from e5v.server.schemas import RequestError, quoted, refusal
+from e5v.server.scheduler import QueueFullError, RequestTooLargeError, Scheduler
 from e5v.server.thumbnails import ThumbnailError, Thumbnails, has_thumbnail
-from e5v.store import Hit, Store, StoredRecord
+from e5v.wire.schema import RequestError, quoted, refusal
 
 __all__ = ["CollectionInfo", "SearchHit", "SearchRequest", "SearchResponse", "add_search"]
 

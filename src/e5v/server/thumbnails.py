@@ -16,12 +16,12 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
+from e5v.collection.records import printable_path, sha256_bytes
+from e5v.collection.records import stamp as file_stamp
+from e5v.collection.repository import StoredRecord
+from e5v.core.inputs import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
 from e5v.errors import E5VError, InvalidInputError, MissingDependencyError
-from e5v.indexing import printable_path, sha256_bytes
-from e5v.indexing import stamp as file_stamp
-from e5v.inputs import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
 from e5v.pdf import render_page
-from e5v.store import StoredRecord
 
 __all__ = ["ThumbnailError", "Thumbnails"]
 

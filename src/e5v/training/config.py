@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from e5v.defaults import DEFAULT_MODEL
-from e5v.loading import resolve_dtype
+from e5v.model.loading import resolve_dtype
 
 __all__ = ["TrainingConfig"]
 

@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
+from e5v.core.prompts import IMAGE_TOKEN
 from e5v.optional import require
-from e5v.prompts import IMAGE_TOKEN
 from e5v.training.errors import TrainingDataError
 
 __all__ = ["ROLE_NAMES", "PairData", "epoch_batches", "load_pairs"]

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from e5v import runner
+from e5v.core.prompts import PromptSet, fill
 from e5v.errors import ModelLoadError
-from e5v.loading import LoadedModel, merge_adapter, quiet_peft, quiet_transformers, resolve_source
+from e5v.model import runner
+from e5v.model.loading import LoadedModel, merge_adapter, quiet_peft, quiet_transformers, resolve_source
 from e5v.optional import require
-from e5v.prompts import PromptSet, fill
 from e5v.training.config import TrainingConfig
 from e5v.training.errors import TrainingError
 

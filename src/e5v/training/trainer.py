@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from e5v.loading import resolve_dtype
+from e5v.core.prompts import get_prompts
+from e5v.model.loading import resolve_dtype
 from e5v.optional import require
-from e5v.prompts import get_prompts
 from e5v.training.config import TrainingConfig
 from e5v.training.data import epoch_batches, load_pairs
 from e5v.training.errors import TrainingDataError, TrainingError

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import numpy as np
 from chromadb.api.types import URI, DataLoader, Image
 
-from e5v.inputs import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
+from e5v.core.inputs import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
 
 __all__ = ["E5VImageLoader"]
 

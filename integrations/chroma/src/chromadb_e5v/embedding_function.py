@@ -15,12 +15,12 @@ from chromadb.api.types import Embeddable, EmbeddingFunction, Embeddings, Space,
 from chromadb.utils.embedding_functions import register_embedding_function
 
 from e5v import DEFAULT_MODEL, E5VEmbedder, Embedder, InvalidInputError, PromptSet, RemoteEmbedder
-from e5v.batching import check_batch_size
 from e5v.client import API_KEY_ENV_VAR
+from e5v.core.batching import check_batch_size
+from e5v.core.inputs import describe
+from e5v.core.prompts import PRESETS, get_prompts
 from e5v.errors import ConfigurationError
-from e5v.inputs import describe
-from e5v.loading import resolve_device, resolve_dtype
-from e5v.prompts import PRESETS, get_prompts
+from e5v.model.loading import resolve_device, resolve_dtype
 
 __all__ = ["E5VEmbeddingFunction", "clear_cache"]
 
@@ -269,7 +269,7 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
 
 def clear_cache() -> None:
     """Forget the shared embedders; their models are freed once no function holds them
-    (also call ``e5v.loading.clear_cache()``)."""
+    (also call ``e5v.model.loading.clear_cache()``)."""
     with _EMBEDDERS_LOCK:
         _EMBEDDERS.clear()
 

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field
 
 from e5v import DEFAULT_MODEL, Embedder, Interleaved, RemoteEmbedder
 from e5v.client import API_KEY_ENV_VAR
-from e5v.inputs import ImageLike
+from e5v.core.inputs import ImageLike
 
 __all__ = ["E5VEmbeddings"]
 

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 if TYPE_CHECKING:
-    from e5v.embedder import E5VEmbedder
+    from e5v.core.embedder import E5VEmbedder
 
 __all__ = ["ContrastiveRanking", "contrastive_rank", "cosine_similarity"]
 

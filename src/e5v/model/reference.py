@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from e5v.loading import add_image_token_row
+from e5v.model.loading import add_image_token_row
 
 __all__ = ["official_embedding"]
 
@@ -24,7 +24,7 @@ def official_embedding(model: Any, processor: Any, prompt: str, images: Sequence
     """One item's embedding by the official recipe (float32, unit norm, shape ``(d,)``).
 
     Gives the published checkpoint's embedding table a row for ``<image>`` first (see
-    :func:`e5v.loading.add_image_token_row`), as vLLM's parity test does.
+    :func:`e5v.model.loading.add_image_token_row`), as vLLM's parity test does.
     """
     add_image_token_row(model)
     device = model.get_input_embeddings().weight.device

@@ -65,14 +65,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from e5v import runner
-from e5v.batching import plan_batches
-from e5v.embedder import E5VEmbedder
+from e5v.core.batching import plan_batches
+from e5v.core.embedder import E5VEmbedder
+from e5v.core.inputs import Composed, ImageLoader
+from e5v.core.prompts import fill
 from e5v.errors import ConfigurationError, E5VError
-from e5v.inputs import Composed, ImageLoader
-from e5v.loading import LoadedModel, add_image_token_row
-from e5v.prompts import fill
-from e5v.reference import official_embedding
+from e5v.model import runner
+from e5v.model.loading import LoadedModel, add_image_token_row
+from e5v.model.reference import official_embedding
 from e5v.testing import COMMON_WORDS
 
 __all__ = [
@@ -600,7 +600,7 @@ def run_bench(
 ) -> BenchReport:
     """Benchmark the recipe against the fast path; see the module docstring.
 
-    ``model`` is a hub id, a local checkpoint or a :class:`~e5v.loading.LoadedModel`;
+    ``model`` is a hub id, a local checkpoint or a :class:`~e5v.model.loading.LoadedModel`;
     or ``random_init`` names a :data:`e5v.testing.PRESETS` preset built with random
     weights directly on ``device`` in ``dtype`` (nothing downloaded). ``cache`` adds
     cold and warm runs of a fresh embedding cache on the mixed corpus, ``repeats`` times.
@@ -637,7 +637,7 @@ def run_bench(
 def _load(
     model: str | Path | LoadedModel | None, random_init: str | None, device: str | None, dtype: str | None, seed: int
 ) -> LoadedModel:
-    from e5v import loading
+    from e5v.model import loading
 
     if isinstance(model, LoadedModel):
         return model

@@ -5,7 +5,7 @@ bodies) from any thread and get a future of the job's vectors. A job goes throug
 stages, each served in turn across the jobs waiting:
 
 1. **Preparing**, on the scheduler's preparing threads, never the model's: each item is
-   bounded and made ready by :meth:`~e5v.embedder.E5VEmbedder.prepare` (text cut to what
+   bounded and made ready by :meth:`~e5v.core.embedder.E5VEmbedder.prepare` (text cut to what
    the model takes, images decoded once and tiled, the prompt tokenised), one chunk of
    each job in turn: its next items, ending after an item with images or once the chunk's
    text reaches ``max_text_chars`` characters (so a chunk costs at most about one image
@@ -19,7 +19,7 @@ stages, each served in turn across the jobs waiting:
    again until the round holds
    ``max_round_tokens`` tokens or ``max_round_items`` items (an item that does not fit
    is left for a later round while smaller ones still may); the jobs served go to the back
-   of the turn. The round is one call of :meth:`~e5v.embedder.E5VEmbedder.embed_prepared`.
+   of the turn. The round is one call of :meth:`~e5v.core.embedder.E5VEmbedder.embed_prepared`.
 
 The fairness promised: a job's items are spread over rounds, so no job holds the model
 for more than one round at a time, and a one-item job that arrives while other jobs are
@@ -44,12 +44,12 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from e5v.core.inputs import Request
 from e5v.defaults import DEFAULT_MAX_REQUEST_PIXELS
 from e5v.errors import E5VError, InvalidInputError
-from e5v.inputs import Request
 
 if TYPE_CHECKING:
-    from e5v.embedder import E5VEmbedder, Prepared
+    from e5v.core.embedder import E5VEmbedder, Prepared
 
 __all__ = [
     "DEFAULT_MAX_QUEUED_ITEMS",

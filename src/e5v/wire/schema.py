@@ -24,8 +24,7 @@ from typing import Annotated, Any, Literal
 import pydantic_core
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
-from e5v.errors import InvalidInputError
-from e5v.inputs import (
+from e5v.core.inputs import (
     Interleaved,
     Request,
     composed_request,
@@ -34,7 +33,8 @@ from e5v.inputs import (
     interleaved_request,
     text_request,
 )
-from e5v.prompts import PRESETS
+from e5v.core.prompts import PRESETS
+from e5v.errors import InvalidInputError
 
 __all__ = [
     "MAX_JSON_DEPTH",
@@ -181,7 +181,7 @@ class EmbeddingRequest(_Strict):
     )
     dimensions: None = Field(default=None, description="refused: E5-V vectors are not truncatable")
     user: str | None = None
-    prompts: Preset | None = Field(default=None, description="a prompt preset of e5v.prompts.PRESETS")
+    prompts: Preset | None = Field(default=None, description="a prompt preset of e5v.core.prompts.PRESETS")
 
     def requests(self, *, allow_remote: bool) -> list[Request]:
         """The items as the core's requests, or :class:`InvalidInputError` naming the item

@@ -45,10 +45,10 @@ import numpy as np
 from PIL import Image
 from pydantic import BaseModel, ValidationError
 
-from e5v.bench import make_corpus
-from e5v.embedder import E5VEmbedder
+from e5v.bench.fastpath import make_corpus
+from e5v.core.embedder import E5VEmbedder
+from e5v.core.inputs import Composed
 from e5v.errors import ConfigurationError, E5VError, MissingDependencyError
-from e5v.inputs import Composed
 
 __all__ = [
     "SOAK_MIX",

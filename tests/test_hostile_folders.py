@@ -17,7 +17,8 @@ import chromadb
 import pytest
 
 from e5v.cli import main
-from e5v.collection.records import Unchanged, load_file, stamp, walk
+from e5v.collection.files import stamp, walk
+from e5v.collection.records import Unchanged, load_file
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 

@@ -9,18 +9,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from e5v.collection.records import (
-    FileRecords,
-    SkippedPath,
-    Stored,
-    Unchanged,
-    load_file,
-    record_id,
-    sha256_bytes,
-    split_passages,
-    stamp,
-    walk,
-)
+from e5v.collection.files import SkippedPath, sha256_bytes, stamp, walk
+from e5v.collection.passages import split_passages
+from e5v.collection.records import FileRecords, Stored, Unchanged, load_file, record_id
 
 # -- split_passages -----------------------------------------------------------------------
 
@@ -181,7 +172,7 @@ def store(tmp_path: Path):
 def test_a_file_the_model_refuses_is_isolated(tmp_path: Path, store, embedder, tiny_path: Path) -> None:
     """Images are checked while reading; a text with the reserved ``<image>`` placeholder
     fails only when embedded, in a group with other files: they are still indexed."""
-    from e5v.collection.repository import index_files
+    from e5v.collection.pipeline import index_files
 
     corpus = tmp_path / "corpus"
     corpus.mkdir()

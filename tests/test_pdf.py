@@ -24,10 +24,11 @@ from fpdf import FPDF
 from PIL import Image
 
 from e5v.cli import main
-from e5v.collection.records import PdfFile, SkippedPath, Stored, Unchanged, load_file, sha256_bytes, stamp
+from e5v.collection.files import SkippedPath, sha256_bytes, stamp
+from e5v.collection.records import PdfFile, Stored, Unchanged, load_file, record_kinds
 from e5v.core.inputs import Interleaved
 from e5v.errors import ConfigurationError, InvalidInputError
-from e5v.pdf import E5V_GRID, fit_scale, open_pdf, read_pdf, record_kinds, render_page
+from e5v.pdf import E5V_GRID, fit_scale, open_pdf, read_pdf, render_page
 
 INTRO = (
     "Espresso is brewed by forcing hot water through finely ground coffee at high pressure. "
@@ -297,7 +298,8 @@ def test_a_page_queried_by_its_own_rendering_ranks_first(indexed, tmp_path: Path
 
 
 def test_reindex_skips_unchanged_pdfs_and_follows_changes(corpus: Path, tiny_path: Path, tmp_path: Path, embedder):
-    from e5v.collection.repository import Store, index_files
+    from e5v.collection.pipeline import index_files
+    from e5v.collection.repository import Store
 
     folder = tmp_path / "docs"
     folder.mkdir()
@@ -349,7 +351,8 @@ def test_reindex_skips_unchanged_pdfs_and_follows_changes(corpus: Path, tiny_pat
 def test_a_page_the_model_refuses_is_left_out(tmp_path: Path, tiny_path: Path) -> None:
     """A text layer holding e5v's reserved ``<image>`` placeholder fails when embedded:
     that page is reported, the rest of its PDF is stored."""
-    from e5v.collection.repository import Store, index_files
+    from e5v.collection.pipeline import index_files
+    from e5v.collection.repository import Store
 
     fpdf_pages([("A page about cats.", None), ("Uses the <image> placeholder.", None)], tmp_path / "odd.pdf")
     store = Store(tmp_path / "db", "pdfs", create=True)
@@ -390,7 +393,8 @@ def test_a_long_pdf_streams_page_by_page(tmp_path: Path, tiny_path: Path, photos
     set's peak growth: 55-57 MB for 20 pages, then 46-47 MB for 300 (the first run pays
     for warming up); with all 300 pages in one chunk (``PDF_PAGES_PER_WRITE = 1000``),
     376 MB."""
-    from e5v.collection.repository import Store, index_files
+    from e5v.collection.pipeline import index_files
+    from e5v.collection.repository import Store
 
     store = Store(tmp_path / "db", "long", create=True)
     embedder = store.connect(str(tiny_path), batch_size=16)

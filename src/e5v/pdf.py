@@ -6,10 +6,7 @@ fits in the best cell of E5-V's anyres grid (336-px tiles: 336x672, 672x336, 672
 model then sees every pixel drawn, and nothing is drawn in vain (an A4 page: 476x672,
 a 16:9 slide: 672x378). Page numbers count from 1, as PDF viewers show them.
 
-For :func:`e5v.collection.repository.index_files` a page becomes records: its rendering (kind
-``image``), its text cut into passages as text files are (``text``, with the character
-span in the page's text) and, when asked, the rendering and the text as ONE interleaved
-vector (``interleaved``). Every record's path is the PDF's, with ``page`` beside it.
+The index makes records of pages (:mod:`e5v.collection.pages`); this module only reads.
 
 PDFium is not thread-safe: every call into it here holds one lock.
 """
@@ -17,13 +14,12 @@ PDFium is not thread-safe: every call into it here holds one lock.
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import io
 import logging
 import math
 import re
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,34 +28,14 @@ from typing import IO, Any
 
 from PIL import Image
 
-from e5v.collection.records import PdfFile, Record, open_regular, printable_path, record_id, split_passages
-from e5v.core.inputs import Interleaved
 from e5v.errors import ConfigurationError, InvalidInputError
+from e5v.files import open_regular, printable_path
 from e5v.optional import require
 
-__all__ = [
-    "DEFAULT_RECORD_KINDS",
-    "E5V_GRID",
-    "Page",
-    "PageRecords",
-    "Pdf",
-    "RECORD_KINDS",
-    "fit_scale",
-    "open_pdf",
-    "page_records",
-    "read_pages",
-    "read_pdf",
-    "record_kinds",
-    "render_page",
-]
+__all__ = ["E5V_GRID", "Page", "Pdf", "fit_scale", "open_pdf", "read_pdf", "render_page"]
 
 #: E5-V's anyres pinpoints, ``(height, width)`` in pixels.
 E5V_GRID: tuple[tuple[int, int], ...] = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))
-#: What a page can become, in the order records are made.
-RECORD_KINDS = ("image", "text", "interleaved")
-#: The page's rendering and its passages: each page found by its look and by its words,
-#: at one pass of the model over each picture.
-DEFAULT_RECORD_KINDS = ("image", "text")
 #: The longest side :meth:`Pdf.render` draws, whatever ``max_side`` asks.
 MAX_RENDER_SIDE = 4096
 
@@ -73,20 +49,6 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f\ufffe\uffff]")
 
 def _pdfium() -> Any:
     return require("pypdfium2", "pdf")
-
-
-def record_kinds(value: str | Iterable[str]) -> tuple[str, ...]:
-    """Record kinds from ``"image,text"`` (or an iterable), in :data:`RECORD_KINDS` order;
-    :class:`~e5v.errors.ConfigurationError` for an unknown or empty choice."""
-    names = [name.strip() for name in (value.split(",") if isinstance(value, str) else value) if name.strip()]
-    unknown = sorted({name for name in names if name not in RECORD_KINDS})
-    if unknown or not names:
-        what = f"unknown PDF record kind {', '.join(map(repr, unknown))}" if unknown else "no PDF record kind given"
-        raise ConfigurationError(
-            f"{what}: choose one or more of {', '.join(RECORD_KINDS)}, comma-separated "
-            f"(e.g. {','.join(DEFAULT_RECORD_KINDS)})"
-        )
-    return tuple(kind for kind in RECORD_KINDS if kind in names)
 
 
 def fit_scale(width: float, height: float, grid: Sequence[tuple[int, int]] = E5V_GRID) -> float:
@@ -253,7 +215,7 @@ class Page:
 
 
 def read_pdf(path: str | Path) -> Iterator[Page]:
-    """Each page of the PDF at ``path``, read and rendered (as :func:`e5v.collection.repository.index_files`
+    """Each page of the PDF at ``path``, read and rendered (as the index
     embeds it) one at a time; a page that cannot be read is left out with a warning.
     Raises :class:`~e5v.errors.InvalidInputError` for a PDF that cannot be opened."""
     with _named(path) as pdf:
@@ -264,70 +226,3 @@ def read_pdf(path: str | Path) -> Iterator[Page]:
                 logger.warning("%s: %s; left out", printable_path(path), exc.reason)
                 continue
             yield page
-
-
-@dataclass(frozen=True)
-class PageRecords:
-    """One page's records and, in the same order, what to embed for each; ``failure``
-    says why part of the page is missing (its rendering, or all of it)."""
-
-    page: int
-    records: tuple[Record, ...]
-    items: tuple[Any, ...]
-    failure: str | None = None
-
-
-def page_records(
-    pdf: Pdf, file: PdfFile, page: int, kinds: Sequence[str], max_chars: int, first_passage: int = 0
-) -> PageRecords:
-    """The records ``kinds`` asks of page ``page``; passages are numbered on from
-    ``first_passage`` (a PDF's passages count through the document)."""
-    path = file.path
-    try:
-        text = pdf.text(page)
-    except InvalidInputError as exc:
-        return PageRecords(page, (), (), exc.reason)
-    image = failure = None
-    if "image" in kinds or "interleaved" in kinds:
-        try:
-            image = pdf.render(page)
-        except InvalidInputError as exc:
-            failure = exc.reason
-    records: list[Record] = []
-    items: list[Any] = []
-    if image is not None and "image" in kinds:
-        records.append(Record(record_id(path, f"page {page} image"), "image", path, file.sha256, page=page))
-        items.append(image)
-    if "text" in kinds:
-        for passage in split_passages(text, max_chars):
-            passage = dataclasses.replace(passage, number=first_passage + passage.number)
-            records.append(Record(record_id(path, passage.number), "text", path, file.sha256, passage, page=page))
-            items.append(passage.text)
-    if image is not None and "interleaved" in kinds:
-        words = text if text.strip() else None
-        key = record_id(path, f"page {page} interleaved")
-        records.append(Record(key, "interleaved", path, file.sha256, page=page, text=words))
-        items.append(Interleaved([image] if words is None else [image, words]))
-    return PageRecords(page, tuple(records), tuple(items), failure)
-
-
-def read_pages(
-    file: PdfFile, kinds: Sequence[str], max_chars: int, pages_per_chunk: int
-) -> Iterator[list[PageRecords]]:
-    """The PDF's pages, ``pages_per_chunk`` at a time, each rendered and read only when
-    its chunk is asked for (a long document is never held whole). Raises
-    :class:`~e5v.errors.InvalidInputError` when the file can no longer be read as it
-    was (its page count changed)."""
-    with open_regular(Path(file.path)) as handle, open_pdf(handle) as pdf:
-        if len(pdf) != file.pages:
-            raise InvalidInputError(
-                f"changed while being indexed (now {len(pdf)} pages, was {file.pages}); index again"
-            )
-        passages = 0
-        for start in range(1, file.pages + 1, pages_per_chunk):
-            chunk = []
-            for page in range(start, min(start + pages_per_chunk, file.pages + 1)):
-                records = page_records(pdf, file, page, kinds, max_chars, passages)
-                passages += sum(1 for record in records.records if record.passage is not None)
-                chunk.append(records)
-            yield chunk

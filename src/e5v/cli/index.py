@@ -92,8 +92,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from e5v.collection.records import SkippedPath, printable_path
-    from e5v.collection.repository import Store, index_files
+    from e5v.collection.files import SkippedPath
+    from e5v.collection.pipeline import index_files
+    from e5v.collection.repository import Store
+    from e5v.files import printable_path
 
     def report(skipped: SkippedPath) -> None:
         # above the progress bars
@@ -119,9 +121,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def pdf_records_option(value: str) -> tuple[str, ...]:
-    """``--pdf-records``: kinds of :data:`e5v.pdf.RECORD_KINDS`, comma-separated."""
+    """``--pdf-records``: kinds of :data:`e5v.collection.records.RECORD_KINDS`, comma-separated."""
+    from e5v.collection.records import record_kinds
     from e5v.errors import ConfigurationError
-    from e5v.pdf import record_kinds
 
     try:
         return record_kinds(value)

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _table(hits: Sequence[Hit]) -> str:
-    from e5v.collection.records import printable_path
+    from e5v.files import printable_path
 
     rows = [("rank", "score", "kind", "path", "passage")]
     for hit in hits:

@@ -278,7 +278,6 @@ def _collection(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Stor
     :class:`~e5v.collection.repository.StoreError` for a missing or empty collection, or another ``--model``."""
     from e5v.collection.repository import Store, StoreError
     from e5v.core.embedder import E5VEmbedder
-    from e5v.core.prompts import PromptSet
 
     store = Store(args.db, args.collection)
     if store.count() == 0:
@@ -287,17 +286,16 @@ def _collection(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Stor
             f"`e5v index PATH --db {args.db}`"
         )
     model = store.model(args.model, args.revision)
-    config = store.config or {}
-    prompts = config.get("prompts")
+    binding = store.binding
 
     def load() -> E5VEmbedder:
         return E5VEmbedder(
             model,
-            revision=config.get("revision"),
+            revision=None if binding is None else binding.revision,
             device=args.device,
-            dtype=args.dtype if args.dtype is not None else config.get("dtype"),
+            dtype=args.dtype if args.dtype is not None or binding is None else binding.dtype,
             batch_size=args.batch_size,
-            prompts=PromptSet(**prompts) if isinstance(prompts, dict) else prompts,
+            prompts=None if binding is None else binding.prompts,
             **options,
         )
 

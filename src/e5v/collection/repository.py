@@ -1,13 +1,14 @@
-"""Files indexed into, and searched in, a Chroma collection of E5-V vectors.
+"""The Chroma repository of a collection: records written, read and searched by vector.
 
-A collection is created with :class:`chromadb_e5v.E5VEmbeddingFunction`, so its model
-name, revision, dtype and prompts are persisted in its configuration; records are
-embedded here (batches and progress under our control) and written with
-``embeddings=``. Metadata: ``path`` (absolute), ``kind`` (``image``/``text``),
-``sha256`` (of the file), and ``passage``, ``start``, ``end`` for text passages, whose
-text is the record's document. A PDF's records (kinds ``image``, ``text`` and
-``interleaved``, see :mod:`e5v.pdf`) have the PDF's ``path`` and their ``page`` (from 1);
-an interleaved record's document is its page's text. Needs ``chromadb`` and ``chromadb-e5v``.
+A collection's binding (:class:`~e5v.collection.binding.Binding`: its model, revision,
+dtype and prompts) is persisted in its Chroma configuration as the config of the
+embedding function named ``"e5v"``, the one :mod:`chromadb_e5v` registers, so plain
+Chroma opens it with that function; the store itself embeds nothing through Chroma (the
+index passes vectors with ``embeddings=``). Metadata: ``path`` (absolute), ``kind``
+(``image``/``text``/``interleaved``), ``sha256`` (of the file), ``passage``, ``start``,
+``end`` for text passages, whose text is the record's document, and ``page`` (from 1)
+for a PDF's records; bookkeeping (:data:`~e5v.collection.records.BOOKKEEPING`) stays
+inside the store. Needs ``chromadb``.
 """
 
 from __future__ import annotations
@@ -15,55 +16,40 @@ from __future__ import annotations
 import logging
 import re
 import shlex
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
 
 import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
 
-from e5v.client import Embedder, RemoteEmbedder
-from e5v.collection.records import (
-    DEFAULT_MAX_CHARS,
-    SUPPORTED_SUFFIXES,
-    FileRecords,
-    PdfFile,
-    Record,
-    SkippedPath,
-    Stored,
-    Unchanged,
-    load_file,
-    printable_path,
-    walk,
-)
-from e5v.core.inputs import ImageLoader
+from e5v.client import API_KEY_ENV_VAR, Embedder, RemoteEmbedder
+from e5v.collection.binding import FUNCTION_NAME, Binding, dtype_name, model_key
+from e5v.collection.records import BOOKKEEPING, FileRecords, Record, Stored, Unchanged
+from e5v.core.embedder import E5VEmbedder
 from e5v.defaults import DEFAULT_MODEL
-from e5v.errors import E5VError, InvalidInputError
+from e5v.errors import E5VError
+from e5v.files import printable_path
 from e5v.optional import require
 
 if TYPE_CHECKING:
     from chromadb.api.models.Collection import Collection
 
-    from e5v.pdf import PageRecords
-
-__all__ = ["Hit", "IndexSummary", "Store", "StoreError", "StoredRecord", "index_files"]
+__all__ = ["Hit", "Store", "StoreError", "StoredRecord"]
 
 logger = logging.getLogger(__name__)
 
-#: Records embedded (and written) together: this many forward batches' worth.
-BATCHES_PER_WRITE = 4
-#: PDF pages rendered, embedded and written together (16 renderings: at most 21 MB).
-PDF_PAGES_PER_WRITE = 16
-#: Unsupported files named in the summary line (the rest are counted).
-IGNORED_NAMES_SHOWN = 5
 #: Seconds to wait for another e5v process creating the same database or collection.
 LOCK_TIMEOUT = 120.0
 #: Chroma's rule for a collection's name, checked before anything is created.
 COLLECTION_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]")
 #: The lock file, inside the database folder, held while a client opens it or a collection is made.
 LOCK_NAME = ".e5v.lock"
+#: Metadata fields a hit carries as its own fields; the other public ones are its ``metadata``.
+HIT_FIELDS = frozenset({"kind", "path", "passage", "start", "end"})
 
 
 class StoreError(E5VError):
@@ -72,30 +58,50 @@ class StoreError(E5VError):
 
 
 @dataclass(frozen=True)
-class Hit:
-    """One search result; ``score`` is the cosine similarity to the query; ``page`` (from
-    1) is set for a PDF's records."""
+class StoredRecord:
+    """A record as stored: its id, its public metadata fields (no bookkeeping), its
+    document (a passage's text), ``page`` (from 1) when it is one of a PDF page's
+    records, ``score`` (cosine similarity to the query) from :meth:`Store.nearest`, and
+    its ``vector`` from :meth:`Store.get_records` when asked."""
+
+    id: str
+    metadata: dict[str, Any]
+    document: str | None = None
+    score: float | None = None
+    vector: np.ndarray | None = None
+    page: int | None = None
+
+    @classmethod
+    def of(cls, id_: str, metadata: dict[str, Any] | None, document: str | None, **fields: Any) -> StoredRecord:
+        """The record of a row Chroma returned: bookkeeping dropped, the PDF page read from it
+        (the index marks every record of a PDF page, and only those)."""
+        metadata = dict(metadata or {})
+        page = metadata.get("page") if "marker" in metadata else None
+        public = {key: value for key, value in metadata.items() if key not in BOOKKEEPING}
+        return cls(id_, public, document, page=None if page is None else int(page), **fields)
+
+
+class Hit(BaseModel):
+    """One search result: its rank (from 1), the record's id, ``score`` (cosine similarity
+    to the query), kind and path; a PDF page's record has its ``page``; a text passage its
+    number, character span and text (an interleaved record its page's text); ``metadata``
+    holds the record's other public fields (``sha256``, ``page``, ...)."""
+
+    model_config = ConfigDict(frozen=True)
 
     rank: int
     id: str
     score: float
     kind: str
     path: str
+    page: int | None = None
     passage: int | None = None
     start: int | None = None
     end: int | None = None
     text: str | None = None
-    page: int | None = None
-
-    def to_dict(self) -> dict[str, Any]:
-        keys: tuple[str, ...] = ("rank", "id", "score", "kind", "path")
-        if self.page is not None:
-            keys += ("page",)
-        if self.kind == "text":
-            keys += ("passage", "start", "end", "text")
-        elif self.kind == "interleaved":
-            keys += ("text",)
-        return {key: getattr(self, key) for key in keys}
+    metadata: dict[str, Any] = Field(
+        default_factory=dict, description="every other metadata field stored with the record (sha256, page, ...)"
+    )
 
     @classmethod
     def of(cls, rank: int, record: StoredRecord) -> Hit:
@@ -107,74 +113,65 @@ class Hit:
             score=float(record.score or 0.0),
             kind=str(meta.get("kind")),
             path=str(meta.get("path")),
+            page=record.page,
             passage=meta.get("passage"),
             start=meta.get("start"),
             end=meta.get("end"),
             text=record.document,
-            page=meta.get("page"),
+            metadata={key: value for key, value in meta.items() if key not in HIT_FIELDS},
         )
 
+    def to_dict(self) -> dict[str, Any]:
+        """The fields of its kind (``e5v search --json``): rank, id, score, kind and path; a PDF
+        page's ``page``; a passage's number, span and text; an interleaved record's text."""
+        keys: tuple[str, ...] = ("rank", "id", "score", "kind", "path")
+        if self.page is not None:
+            keys += ("page",)
+        if self.kind == "text":
+            keys += ("passage", "start", "end", "text")
+        elif self.kind == "interleaved":
+            keys += ("text",)
+        return {key: getattr(self, key) for key in keys}
 
-@dataclass(frozen=True)
-class StoredRecord:
-    """A record as stored: its id, every metadata field, its document (a passage's text),
-    ``score`` (cosine similarity to the query) from :meth:`Store.nearest`, and its
-    ``vector`` from :meth:`Store.get_records` when asked."""
 
-    id: str
-    metadata: dict[str, Any]
-    document: str | None = None
-    score: float | None = None
-    vector: np.ndarray | None = None
+class _BindingFunction:
+    """Chroma's view of a binding: an embedding function named ``"e5v"`` whose config is the
+    binding's, so the collection's configuration holds it. It embeds nothing: the store
+    passes vectors, and Chroma rebuilds :mod:`chromadb_e5v`'s function from this config
+    where that package is imported."""
 
+    def __init__(self, binding: Binding) -> None:
+        self.binding = binding
 
-@dataclass
-class IndexSummary:
-    """Counts of files: indexed (and their records), unchanged, empty, failed, pruned, and
-    the files of unsupported types that were left out; ``pages_failed``: pages of indexed
-    PDFs left out (the rest of each is stored)."""
+    def __call__(self, input: Any) -> Any:
+        raise StoreError(
+            "e5v's store passes vectors and embeds nothing through Chroma; to embed, open the collection "
+            "after `import chromadb_e5v` (pip install ./integrations/chroma)"
+        )
 
-    indexed: int = 0
-    records: int = 0
-    unchanged: int = 0
-    empty: int = 0
-    pruned: int = 0
-    failed: list[SkippedPath] = field(default_factory=list)
-    ignored: list[Path] = field(default_factory=list)
-    pages_failed: list[SkippedPath] = field(default_factory=list)
+    @staticmethod
+    def name() -> str:
+        return FUNCTION_NAME
 
-    def line(self) -> str:
-        parts = [
-            f"indexed {self.indexed} files ({self.records} records)",
-            f"skipped {self.unchanged} unchanged",
-            f"failed {len(self.failed)}",
-        ]
-        if self.pages_failed:
-            parts.append(f"pages left out {len(self.pages_failed)}")
-        if self.empty:
-            parts.append(f"empty {self.empty}")
-        if self.ignored:
-            parts.append(f"ignored {len(self.ignored)} unsupported")
-        parts.append(f"pruned {self.pruned}")
-        return ", ".join(parts)
+    def get_config(self) -> dict[str, Any]:
+        return self.binding.to_config()
 
-    def lines(self) -> list[str]:
-        """:meth:`line`, then which files of unsupported types were left out, if any."""
-        if not self.ignored:
-            return [self.line()]
-        shown = ", ".join(printable_path(path) for path in self.ignored[:IGNORED_NAMES_SHOWN])
-        more = len(self.ignored) - IGNORED_NAMES_SHOWN
-        supported = " ".join(sorted(SUPPORTED_SUFFIXES))
-        return [
-            self.line(),
-            f"unsupported, not indexed: {shown}{f' and {more} more' if more > 0 else ''} (e5v indexes {supported})",
-        ]
+    @staticmethod
+    def build_from_config(config: dict[str, Any]) -> _BindingFunction:
+        return _BindingFunction(Binding.from_config(config))
+
+    def default_space(self) -> str:
+        return "cosine"
+
+    def supported_spaces(self) -> list[str]:
+        return ["cosine", "ip", "l2"]
+
+    def is_legacy(self) -> bool:
+        return False
 
 
 def _chromadb() -> Any:
-    chromadb = require("chromadb", "chroma")
-    require("chromadb_e5v", "chroma")  # registers the "e5v" embedding function
-    return chromadb
+    return require("chromadb", "chroma")
 
 
 def _http_client(chromadb: Any, url: str) -> Any:
@@ -189,12 +186,6 @@ def _http_client(chromadb: Any, url: str) -> Any:
         )
     except Exception as exc:  # chromadb raises plain exceptions when the server is unreachable
         raise StoreError(f"cannot reach the Chroma server at {url!r}: {exc}") from None
-
-
-def model_key(name: str | Path) -> str:
-    """How a model is named in a collection: local folders by absolute path."""
-    path = Path(name).expanduser()
-    return str(path.resolve()) if path.is_dir() else str(name)
 
 
 class Store:
@@ -218,7 +209,7 @@ class Store:
         self._chromadb = _chromadb()
         self.db, self.name, self.url = Path(db).expanduser(), name, url
         self.collection: Collection | None = None
-        self.config: dict[str, Any] | None = None
+        self.binding: Binding | None = None
         self._client: Any = None
         if url is not None:
             self._client = _http_client(self._chromadb, url)
@@ -275,19 +266,22 @@ class Store:
                 ) from None
 
     def _load(self) -> None:
-        """Read the collection and its e5v config from the database (``None`` if missing)."""
+        """Read the collection and its binding from the database (``None`` if missing)."""
         try:
             self.collection = self._client.get_collection(self.name)
         except self._chromadb.errors.NotFoundError:
-            self.collection, self.config = None, None
+            self.collection, self.binding = None, None
             return
         function = self.collection.configuration_json.get("embedding_function") or {}
-        if function.get("name") != "e5v":
+        if function.get("name") != FUNCTION_NAME:
             raise StoreError(
                 f"collection {self.name!r} in {self._where!r} was not made by e5v (its embedding function is "
                 f"{function.get('name')!r}); pick another --collection"
             )
-        self.config = function["config"]
+        try:
+            self.binding = Binding.from_config(function.get("config") or {})
+        except ValueError as exc:
+            raise StoreError(f"collection {self.name!r} in {self._where!r} has a broken e5v binding: {exc}") from None
 
     def count(self) -> int:
         """Records in the collection (0 before it exists)."""
@@ -296,9 +290,9 @@ class Store:
         with self._failing("counting records"):
             return self.collection.count()
 
-    def _bound(self) -> dict[str, Any] | None:
-        """The config of the model the records were embedded with; ``None`` while there are none."""
-        return self.config if self.config is not None and self.count() > 0 else None
+    def _bound(self) -> Binding | None:
+        """The binding of the model the records were embedded with; ``None`` while there are none."""
+        return self.binding if self.binding is not None and self.count() > 0 else None
 
     def model(self, requested: str | None = None, revision: str | None = None) -> str:
         """The model to embed with: the one the records were embedded with (``requested``
@@ -306,9 +300,9 @@ class Store:
         Raises :class:`StoreError`."""
         bound = self._bound()
         if bound is None:
-            stored = None if self.config is None else self.config["model_name"]
+            stored = None if self.binding is None else self.binding.model
             return model_key(requested or stored or DEFAULT_MODEL)
-        stored, stored_revision = bound["model_name"], bound.get("revision")
+        stored, stored_revision = bound.model, bound.revision
         if (requested is not None and model_key(requested) != stored) or (
             revision is not None and revision != stored_revision
         ):
@@ -334,59 +328,65 @@ class Store:
         """Load the model (checked by :meth:`model`), or with ``server`` use that ``e5v
         serve`` (its model checked the same way), then create the database and the
         collection if needed, or rebind an empty collection to this model."""
-        from chromadb_e5v import E5VEmbeddingFunction
-        from e5v.core.prompts import PromptSet
-
-        if server is not None:
-            requested = RemoteEmbedder(server).model_name  # the server's model, checked like --model
+        remote = None if server is None else RemoteEmbedder(server)
+        if remote is not None:
+            requested = remote.model_name  # the server's model, checked like --model
         name = self.model(requested, revision)
-        bound = self._bound()
-        if bound is None and self.config is not None and requested is not None:
-            self.config = None  # an empty collection: the options asked for, not its old ones
-        config = self.config or {}
-        prompts = config.get("prompts")
-        if server is not None:
-            function = E5VEmbeddingFunction(
-                name, batch_size=batch_size, prompts=prompts if isinstance(prompts, str) else None, base_url=server
-            )
-        else:
-            function = E5VEmbeddingFunction(
-                name,
-                device=device,
-                # the stored dtype by default: Chroma rebuilds the function from its config
-                # on writes, and an equal config shares this model instead of loading another
-                dtype=dtype if dtype is not None else config.get("dtype"),
-                batch_size=batch_size,
-                revision=revision if self.config is None else config.get("revision", revision),
-                prompts=PromptSet(**prompts) if isinstance(prompts, dict) else prompts,
-            )
-        embedder = function.embedder  # loads the model: a failure leaves nothing behind
+        if self._bound() is None and self.binding is not None and requested is not None:
+            self.binding = None  # an empty collection: the options asked for, not its old ones
+        binding, embedder = self._embedder(name, remote, revision, device, dtype, batch_size)
         seen = None if self.collection is None else self.collection.id
         with self._locked(f"creating the collection {self.name!r}"):
             self._load()  # another process may have made it meanwhile
             if self.collection is not None and self.collection.id != seen:
-                theirs, ours = self.config or {}, function.get_config()
-                if any(theirs.get(key) != ours.get(key) for key in ("model_name", "revision", "prompts")):
+                if self.binding is None or not self.binding.compares_with(binding):
+                    theirs = None if self.binding is None else self.binding.model
                     raise StoreError(
                         f"another e5v run created collection {self.name!r} in {self._where!r} for "
-                        f"{theirs.get('model_name')!r} meanwhile; pick another --collection"
+                        f"{theirs!r} meanwhile; pick another --collection"
                     )
-            elif (
-                self.collection is not None
-                and self._bound() is None
-                and self.collection.configuration_json.get("embedding_function", {}).get("config")
-                != function.get_config()
-            ):
+            elif self.collection is not None and self._bound() is None and self.binding != binding:
                 logger.info("rebinding the empty collection %r in %s to %s", self.name, self._where, name)
                 self._client.delete_collection(self.name)
                 self.collection = None
             if self.collection is None:
+                function = _BindingFunction(binding)
                 self.collection = self._client.create_collection(self.name, embedding_function=function)
                 logger.info("created collection %r in %s for %s", self.name, self._where, name)
-            else:
-                self.collection = self._client.get_collection(self.name, embedding_function=function)
-        self.config = function.get_config()
+        self.binding = binding
         return embedder
+
+    def _embedder(
+        self,
+        name: str,
+        remote: RemoteEmbedder | None,
+        revision: str | None,
+        device: str | None,
+        dtype: str | None,
+        batch_size: int | Literal["auto"],
+    ) -> tuple[Binding, Embedder]:
+        """The binding to store and the embedder to embed with: the collection's revision,
+        dtype and prompts by default. Loads the model (a failure leaves nothing behind)."""
+        stored = self.binding
+        prompts = None if stored is None else stored.prompts
+        if remote is not None:
+            preset = prompts if isinstance(prompts, str) else "e5v"
+            embedder: Embedder = RemoteEmbedder(remote.base_url, prompts=preset)
+            binding = Binding(
+                name, batch_size=batch_size, prompts=preset, base_url=remote.base_url, api_key_env_var=API_KEY_ENV_VAR
+            )
+            return binding, embedder
+        binding = Binding(
+            name,
+            revision=revision if stored is None else stored.revision,
+            dtype=dtype_name(dtype) if dtype is not None else None if stored is None else stored.dtype,
+            batch_size=batch_size,
+            prompts="e5v" if prompts is None else prompts,
+        )
+        local = E5VEmbedder(
+            name, device=device, dtype=binding.dtype, revision=binding.revision, prompts=binding.prompt_set
+        )
+        return binding, local
 
     def _connected(self) -> Collection:
         if self.collection is None:
@@ -499,15 +499,15 @@ class Store:
         found = {}
         for number, id_ in enumerate(got["ids"]):
             vector = np.asarray(got["embeddings"][number], dtype=np.float32) if vectors else None
-            metadata = dict((got["metadatas"] or [])[number] or {})
-            found[id_] = StoredRecord(id_, metadata, (got["documents"] or [])[number], vector=vector)
+            metadata = (got["metadatas"] or [])[number]
+            found[id_] = StoredRecord.of(id_, metadata, (got["documents"] or [])[number], vector=vector)
         return [found[id_] for id_ in dict.fromkeys(ids) if id_ in found]
 
     def nearest(
         self, vector: np.ndarray, k: int = 10, kind: str | None = None, exclude: Iterable[str] = ()
     ) -> list[StoredRecord]:
         """The ``k`` records nearest to ``vector`` (of ``kind`` if given, none of ``exclude``),
-        best first, with every metadata field and their scores."""
+        best first, with their public metadata fields and their scores."""
         collection = self._connected()
         left_out = set(exclude)
         with self._failing("searching"):
@@ -523,8 +523,8 @@ class Store:
         space = (collection.configuration_json.get("hnsw") or {}).get("space", "cosine")
         rows = zip(found["ids"][0], found["distances"][0], found["metadatas"][0], found["documents"][0])
         records = [
-            StoredRecord(
-                id_, dict(metadata or {}), document, round(1.0 - distance / 2 if space == "l2" else 1.0 - distance, 6)
+            StoredRecord.of(
+                id_, metadata, document, score=round(1.0 - distance / 2 if space == "l2" else 1.0 - distance, 6)
             )
             for id_, distance, metadata, document in rows
             if id_ not in left_out
@@ -538,233 +538,3 @@ class Store:
             kind = str(metadata.get("kind"))
             counts[kind] = counts.get(kind, 0) + 1
         return dict(sorted(counts.items()))
-
-
-def index_files(
-    store: Store,
-    paths: Sequence[str | Path],
-    connect: Callable[[], Embedder],
-    *,
-    batch_size: int | Literal["auto"] = "auto",
-    max_chars: int = DEFAULT_MAX_CHARS,
-    pdf_records: Sequence[str] | None = None,
-    prune: bool = False,
-    follow_links: bool = False,
-    progress: bool = True,
-    report: Callable[[SkippedPath], None] = lambda _skipped: None,
-) -> IndexSummary:
-    """Index the images, texts and PDFs under ``paths`` into ``store``, incrementally.
-
-    Files are found by :func:`~e5v.collection.records.walk` (``follow_links`` follows links to
-    files outside ``paths``). A file whose size, mtime and ctime are those stored is
-    skipped unread; else one whose sha256 is the stored one is skipped too, and a
-    changed file's records are replaced. ``connect`` loads the model, called only if
-    something must be embedded. A path that cannot be indexed is passed to ``report``
-    and skipped, and its older records are deleted. ``prune`` deletes the records of
-    every stored file that no longer exists. ``batch_size`` is the most items a forward
-    pass (``"auto"``: the embedder's); records are embedded and written
-    :data:`BATCHES_PER_WRITE` batches' worth at a time.
-
-    PDFs are read, embedded and written :data:`PDF_PAGES_PER_WRITE` pages at a time,
-    each page as the records ``pdf_records`` names (:func:`e5v.pdf.record_kinds`;
-    default :data:`e5v.pdf.DEFAULT_RECORD_KINDS`); a PDF stored as other kinds is
-    indexed again. A page that cannot be read is passed to ``report`` (and counted in
-    ``pages_failed``) and the rest of its PDF is stored.
-    """
-    from tqdm.auto import tqdm
-
-    from e5v.pdf import DEFAULT_RECORD_KINDS, record_kinds
-
-    kinds = DEFAULT_RECORD_KINDS if pdf_records is None else record_kinds(pdf_records)
-    summary = IndexSummary()
-
-    def fail(skipped: SkippedPath) -> None:
-        summary.failed.append(skipped)
-        report(skipped)
-
-    files, refused, summary.ignored = walk(paths, follow_links=follow_links)
-    for skipped in refused:
-        fail(skipped)
-    known = store.stored()
-    staged: list[FileRecords] = []
-    pdfs: list[PdfFile] = []
-    emptied: list[str] = []
-    unchanged: list[Unchanged] = []
-    images = ImageLoader()
-    for path in tqdm(files, desc="Reading", unit="file", disable=not progress, leave=False):
-        loaded = load_file(path, max_chars=max_chars, known=known, images=images, pdf_records=kinds)
-        if isinstance(loaded, Unchanged):
-            unchanged.append(loaded)
-        elif isinstance(loaded, SkippedPath):
-            fail(loaded)
-        elif isinstance(loaded, PdfFile):
-            pdfs.append(loaded)
-        elif not loaded.records:
-            summary.empty += 1
-            emptied.append(loaded.path)
-        else:
-            staged.append(loaded)
-    summary.unchanged = len(unchanged)
-    store.restamp(unchanged, known)
-    store.remove(path for path in emptied if path in known)
-
-    if staged or pdfs:
-        embedder = connect()
-        size = embedder.batch_size if batch_size == "auto" else batch_size
-        if staged:
-            total = sum(len(file.records) for file in staged)
-            with tqdm(total=total, desc="Embedding", unit="item", disable=not progress) as bar:
-                for group in _groups(staged, size * BATCHES_PER_WRITE):
-                    written, failed = _embed_files(embedder, group, size)
-                    for skipped in failed:
-                        fail(skipped)
-                    if written:
-                        store.write([file for file, _ in written], np.concatenate([vectors for _, vectors in written]))
-                        summary.indexed += len(written)
-                        summary.records += sum(len(file.records) for file, _ in written)
-                    bar.update(sum(len(file.records) for file in group))
-        if pdfs:
-            pages = sum(file.pages for file in pdfs)
-            with tqdm(total=pages, desc="PDF pages", unit="page", disable=not progress) as bar:
-                for file in pdfs:
-                    stored, left_out, failure = _index_pdf(store, embedder, file, kinds, max_chars, size, bar.update)
-                    if failure is not None:
-                        fail(failure)
-                    elif stored == 0:
-                        summary.empty += 1
-                        store.remove([file.path] if file.path in known else [])
-                    else:
-                        summary.indexed += 1
-                        summary.records += stored
-                        for skipped in left_out:
-                            skipped = SkippedPath(skipped.path, f"{skipped.reason}; the rest of the PDF is indexed")
-                            summary.pages_failed.append(skipped)
-                            report(skipped)
-
-    store.remove(skipped.path for skipped in summary.failed if skipped.path in known)
-    if prune:
-        gone = sorted(path for path in store.paths() if not Path(path).exists())
-        store.remove(gone)
-        summary.pruned = len(gone)
-    return summary
-
-
-def _index_pdf(
-    store: Store,
-    embedder: Embedder,
-    file: PdfFile,
-    kinds: Sequence[str],
-    max_chars: int,
-    batch_size: int,
-    advance: Callable[[int], object],
-) -> tuple[int, list[SkippedPath], SkippedPath | None]:
-    """Embed and store a PDF's pages a chunk at a time: ``(records stored, pages left
-    out, why the whole file failed)``.
-
-    Its first record is held back as the marker (with the file's stamp and the record
-    kinds) and written last, after the file's other older records are deleted, so that
-    an interrupted run leaves the marker missing or older and the next run embeds the
-    PDF again. A file that fails, or keeps no record, leaves no record behind.
-    """
-    from e5v.pdf import read_pages
-
-    marker: tuple[Record, np.ndarray] | None = None
-    written: set[str] = set()
-    left_out: list[SkippedPath] = []
-    try:
-        for chunk in read_pages(file, kinds, max_chars, PDF_PAGES_PER_WRITE):
-            records: list[Record] = []
-            vectors: list[np.ndarray] = []
-            for page, page_vectors in _embed_pages(embedder, chunk, batch_size, left_out, file.path):
-                records.extend(page.records)
-                vectors.extend(page_vectors)
-            if marker is None and records:
-                first = replace(records.pop(0), stamp=file.stamp, pdf_records=",".join(kinds))
-                marker = (first, vectors.pop(0))
-            if records:
-                store.put(records, np.stack(vectors))
-                written.update(record.id for record in records)
-            advance(len(chunk))
-    except InvalidInputError as exc:
-        store.remove([file.path])  # what was written of it
-        return 0, [], SkippedPath(file.path, exc.reason)
-    if marker is None:  # nothing was written
-        failure = SkippedPath(file.path, f"no page could be read ({left_out[0].reason})") if left_out else None
-        return 0, [], failure
-    store.drop_except(file.path, written | {marker[0].id})
-    store.put([marker[0]], marker[1].reshape(1, -1))
-    return len(written) + 1, left_out, None
-
-
-def _embed_pages(
-    embedder: Embedder, chunk: list[PageRecords], batch_size: int, left_out: list[SkippedPath], path: str
-) -> list[tuple[PageRecords, np.ndarray]]:
-    """Embed the pages' items together; if one is bad, page by page, leaving out (and
-    adding to ``left_out``) each page that fails to render or to embed."""
-    for page in chunk:
-        if page.failure is not None:
-            left_out.append(SkippedPath(path, page.failure))  # it names the page
-    pages = [page for page in chunk if page.records]
-    if not pages:
-        return []
-    try:
-        vectors = embedder.embed([item for page in pages for item in page.items], batch_size=batch_size)
-    except InvalidInputError:
-        logger.debug("a chunk of %d pages of %s has a bad item; embedding page by page", len(pages), path)
-    else:
-        done, start = [], 0
-        for page in pages:
-            done.append((page, vectors[start : start + len(page.records)]))
-            start += len(page.records)
-        return done
-    done = []
-    for page in pages:
-        try:
-            done.append((page, embedder.embed(list(page.items), batch_size=batch_size)))
-        except InvalidInputError as exc:
-            left_out.append(SkippedPath(path, f"page {page.page}: {exc.reason}"))
-    return done
-
-
-def _groups(files: Sequence[FileRecords], size: int) -> Iterator[list[FileRecords]]:
-    """Whole files, in groups of at least ``size`` records (but the last)."""
-    group: list[FileRecords] = []
-    count = 0
-    for file in files:
-        group.append(file)
-        count += len(file.records)
-        if count >= size:
-            yield group
-            group, count = [], 0
-    if group:
-        yield group
-
-
-def _items(records: Sequence[Record]) -> list[Any]:
-    """What the embedder takes: a ``Path`` is an image, a ``str`` a text."""
-    return [Path(record.path) if record.passage is None else record.passage.text for record in records]
-
-
-def _embed_files(
-    embedder: Embedder, files: list[FileRecords], batch_size: int
-) -> tuple[list[tuple[FileRecords, np.ndarray]], list[SkippedPath]]:
-    """Embed the files' records together; if one item is bad, file by file to find it."""
-    records = [record for file in files for record in file.records]
-    try:
-        vectors = embedder.embed(_items(records), batch_size=batch_size)
-    except InvalidInputError:
-        logger.debug("a group of %d files has a bad item; embedding file by file", len(files))
-    else:
-        done, start = [], 0
-        for file in files:
-            done.append((file, vectors[start : start + len(file.records)]))
-            start += len(file.records)
-        return done, []
-    done, failed = [], []
-    for file in files:
-        try:
-            done.append((file, embedder.embed(_items(file.records), batch_size=batch_size)))
-        except InvalidInputError as exc:
-            where = f"passage {exc.index}: " if file.kind == "text" and exc.index is not None else ""
-            failed.append(SkippedPath(file.path, where + exc.reason))
-    return done, failed

@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import dataclasses
 import logging
 import threading
 from collections.abc import Awaitable, Callable
@@ -45,10 +44,6 @@ logger = logging.getLogger(__name__)
 
 #: The most results a search returns.
 MAX_K = 200
-#: Metadata fields a hit carries as its own fields (the rest go in ``metadata``), and
-#: bookkeeping that is not shown at all.
-_OWN_FIELDS = frozenset({"kind", "path", "passage", "start", "end"})
-_HIDDEN_FIELDS = frozenset({"stamp"})
 
 T = TypeVar("T")
 
@@ -69,23 +64,13 @@ class SearchRequest(BaseModel):
     kind: str | None = Field(default=None, description="only records of this kind: 'image', 'text', ...")
 
 
-class SearchHit(BaseModel):
-    """One result: cosine ``score`` to the query, rank from 1; a text passage has its number,
-    character span and text; an image its thumbnail's URL."""
+class SearchHit(Hit):
+    """One result (:class:`~e5v.collection.repository.Hit`), with its thumbnail's URL for an
+    image or a rendered PDF page; a PDF page's number is in ``metadata``, with the record's
+    other public fields."""
 
-    rank: int
-    id: str
-    score: float
-    kind: str
-    path: str
-    passage: int | None = None
-    start: int | None = None
-    end: int | None = None
-    text: str | None = None
+    page: int | None = Field(default=None, exclude=True)
     thumbnail: str | None = Field(default=None, description="GET this (with the key) for the image's thumbnail")
-    metadata: dict[str, Any] = Field(
-        default_factory=dict, description="every other metadata field stored with the record (sha256, page, ...)"
-    )
 
 
 class SearchResponse(BaseModel):
@@ -124,8 +109,8 @@ def add_search(
     kept = Counter("e5v_thumbnails_cache_hits", "Thumbnails served from memory", registry=registry)
     thumbnails = Thumbnails(on_generate=generated.inc, on_hit=kept.inc)
     store_lock = threading.Lock()  # one reader of the Chroma client at a time
-    config = store.config or {}
-    model, revision = str(config.get("model_name")), config.get("revision")
+    model = None if store.binding is None else store.binding.model
+    revision = None if store.binding is None else store.binding.revision
 
     async def stored(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         def locked() -> T:
@@ -149,7 +134,7 @@ def add_search(
         count = await stored(store.count)
         kinds = await stored(store.kinds)
         return CollectionInfo(
-            name=store.name, model=model, revision=revision, records=count, kinds=kinds, ready=loaded()
+            name=store.name, model=str(model), revision=revision, records=count, kinds=kinds, ready=loaded()
         )
 
     @app.post(
@@ -282,10 +267,6 @@ def _too_many_pixels(scheduler: Scheduler) -> str:
 
 
 def _hit(rank: int, row: StoredRecord) -> SearchHit:
-    fields = dataclasses.asdict(Hit.of(rank, row))
-    del fields["page"]  # a PDF's page stays in ``metadata``, as every other field does
-    return SearchHit(
-        **fields,
-        thumbnail=f"/v1/records/{quote(row.id, safe='')}/thumbnail" if has_thumbnail(row.metadata) else None,
-        metadata={key: value for key, value in row.metadata.items() if key not in _OWN_FIELDS | _HIDDEN_FIELDS},
-    )
+    hit = Hit.of(rank, row)
+    thumbnail = f"/v1/records/{quote(row.id, safe='')}/thumbnail" if has_thumbnail(row) else None
+    return SearchHit(**hit.model_dump(), thumbnail=thumbnail)

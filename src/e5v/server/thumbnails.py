@@ -10,18 +10,18 @@ from __future__ import annotations
 import io
 import logging
 import os
-import stat
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
 
-from e5v.collection.records import printable_path, sha256_bytes
-from e5v.collection.records import stamp as file_stamp
+from e5v.collection.files import sha256_bytes
+from e5v.collection.files import stamp as file_stamp
 from e5v.collection.repository import StoredRecord
 from e5v.core.inputs import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
 from e5v.errors import E5VError, InvalidInputError, MissingDependencyError
-from e5v.pdf import render_page
+from e5v.files import open_regular, printable_path
+from e5v.pdf import open_pdf
 
 __all__ = ["ThumbnailError", "Thumbnails"]
 
@@ -39,16 +39,10 @@ class ThumbnailError(E5VError):
     """A record has no thumbnail to give: not an image, its file gone, changed or unreadable."""
 
 
-def has_thumbnail(metadata: dict[str, Any]) -> bool:
+def has_thumbnail(record: StoredRecord) -> bool:
     """An image file's record, or a PDF page's (its image or interleaved record), rendered."""
-    kind = metadata.get("kind")
-    return kind == "image" or (kind == "interleaved" and pdf_page(metadata) is not None)
-
-
-def pdf_page(metadata: dict[str, Any]) -> int | None:
-    """The page (from 1) of a PDF's record, else ``None``."""
-    page = metadata.get("page")
-    return int(page) if page is not None and str(metadata.get("path")).lower().endswith(".pdf") else None
+    kind = record.metadata.get("kind")
+    return kind == "image" or (kind == "interleaved" and record.page is not None)
 
 
 class Thumbnails:
@@ -74,8 +68,8 @@ class Thumbnails:
 
     def get(self, record: StoredRecord) -> bytes:
         """The record's thumbnail (JPEG bytes), or :class:`ThumbnailError` saying why there is none."""
-        kind, path, page = record.metadata.get("kind"), str(record.metadata.get("path")), pdf_page(record.metadata)
-        if not has_thumbnail(record.metadata):
+        kind, path, page = record.metadata.get("kind"), str(record.metadata.get("path")), record.page
+        if not has_thumbnail(record):
             raise ThumbnailError(
                 f"record {record.id!r} is a {kind} record; only image records and PDF pages have thumbnails"
             )
@@ -108,12 +102,10 @@ class Thumbnails:
     def _make(self, id_: str, path: str, sha256: str, page: int | None) -> bytes:
         shown = printable_path(path)
         try:
-            # non-blocking, so that a FIFO put in the file's place cannot hang the open
-            with os.fdopen(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0)), "rb") as handle:
-                info = os.fstat(handle.fileno())
-                if not stat.S_ISREG(info.st_mode):
-                    raise ThumbnailError(f"the file of record {id_!r} ({shown}) is no longer a regular file")
-                data = handle.read(info.st_size)
+            with open_regular(Path(path)) as handle:
+                data = handle.read(os.fstat(handle.fileno()).st_size)
+        except InvalidInputError as exc:
+            raise ThumbnailError(f"cannot read the file of record {id_!r} ({shown}): {exc.reason}") from None
         except OSError as exc:
             raise ThumbnailError(f"cannot read the file of record {id_!r} ({shown}): {exc.strerror or exc}") from None
         if sha256_bytes(data) != sha256:
@@ -121,7 +113,11 @@ class Thumbnails:
                 f"the file of record {id_!r} ({shown}) has changed since it was indexed; run `e5v index` again"
             )
         try:
-            image = self._loader.load(data, 0) if page is None else render_page(path, page, max_side=self.size)
+            if page is None:
+                image = self._loader.load(data, 0)
+            else:
+                with open_pdf(io.BytesIO(data)) as pdf:  # the bytes checked, not the file again
+                    image = pdf.render(page, max_side=self.size)
         except InvalidInputError as exc:
             what = "image" if page is None else f"PDF page {page}"
             reason = f"the file of record {id_!r} ({shown}) is not a readable {what}: {exc.reason}"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -16,19 +15,16 @@ from chromadb.utils.embedding_functions import register_embedding_function
 
 from e5v import DEFAULT_MODEL, E5VEmbedder, Embedder, InvalidInputError, PromptSet, RemoteEmbedder
 from e5v.client import API_KEY_ENV_VAR
+from e5v.collection.binding import FUNCTION_NAME, Binding, dtype_name, model_key, prompts_config
 from e5v.core.batching import check_batch_size
 from e5v.core.inputs import describe
-from e5v.core.prompts import PRESETS, get_prompts
+from e5v.core.prompts import get_prompts
 from e5v.errors import ConfigurationError
 from e5v.model.loading import resolve_device, resolve_dtype
 
 __all__ = ["E5VEmbeddingFunction", "clear_cache"]
 
 logger = logging.getLogger(__name__)
-
-#: The keys of :meth:`E5VEmbeddingFunction.get_config`: the first five in-process; model_name,
-#: batch_size, prompts, base_url and api_key_env_var in remote mode.
-CONFIG_KEYS = ("model_name", "revision", "dtype", "batch_size", "prompts", "base_url", "api_key_env_var")
 
 # Embedders shared by every function of this process: Chroma rebuilds the function
 # from its config on each add and query of a collection opened without one.
@@ -83,7 +79,7 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
         if base_url is not None:
             _check_remote_options(device=device, dtype=dtype, revision=revision, embedder=embedder)
             self._prompts = get_prompts(prompts)
-            preset = _prompts_config(self._prompts)
+            preset = prompts_config(self._prompts)
             if not isinstance(preset, str):
                 raise ValueError(
                     "with base_url, prompts must be a preset name the server knows (e.g. 'e5v', 'cirr'); "
@@ -98,15 +94,15 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
             raise ValueError("api_key and api_key_env_var are for an e5v server: pass base_url too")
         elif embedder is not None:
             _check_embedder_options(embedder, model_name, device, dtype, revision, prompts)
-            self._dtype = _dtype_name(embedder.dtype)
-            self._model_name = _model_name(embedder.model_name)
+            self._dtype = dtype_name(embedder.dtype)
+            self._model_name = model_key(embedder.model_name)
             self._revision = embedder.revision
             self._prompts = embedder.prompts
             self._device = embedder.device
             _share(embedder)
         else:
-            self._dtype = None if dtype is None else _dtype_name(dtype)
-            self._model_name = _model_name(DEFAULT_MODEL if model_name is None else model_name)
+            self._dtype = None if dtype is None else dtype_name(dtype)
+            self._model_name = model_key(DEFAULT_MODEL if model_name is None else model_name)
             self._revision = revision
             self._prompts = get_prompts(prompts)
             self._device = device
@@ -170,7 +166,7 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
 
     @staticmethod
     def name() -> str:
-        return "e5v"
+        return FUNCTION_NAME
 
     def default_space(self) -> Space:
         return "cosine"
@@ -179,76 +175,52 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
         """Unit vectors: cosine, inner product and L2 rank alike."""
         return ["cosine", "ip", "l2"]
 
-    def get_config(self) -> dict[str, Any]:
-        """The persisted config; in remote mode without ``model_name``, asks the server for its model."""
+    @property
+    def binding(self) -> Binding:
+        """What this function's vectors come from; in remote mode without ``model_name``,
+        asks the server for its model."""
         if self._remote is not None:
-            return {
-                "model_name": self._model_name if self._model_name is not None else self.embedder.model_name,
-                "batch_size": self.batch_size,
-                "prompts": _prompts_config(self._prompts),
-                "base_url": self._remote.base_url,
-                "api_key_env_var": self._api_key_env_var,
-            }
-        return {
-            "model_name": self._model_name,
-            "revision": self._revision,
-            "dtype": self._dtype,
-            "batch_size": self.batch_size,
-            "prompts": _prompts_config(self._prompts),
-        }
+            model = self._model_name if self._model_name is not None else self.embedder.model_name
+            return Binding(
+                model,
+                batch_size=self.batch_size,
+                prompts=prompts_config(self._prompts),
+                base_url=self._remote.base_url,
+                api_key_env_var=self._api_key_env_var,
+            )
+        assert self._model_name is not None  # in-process, it is always set
+        return Binding(
+            self._model_name,
+            revision=self._revision,
+            dtype=self._dtype,
+            batch_size=self.batch_size,
+            prompts=self._prompts,
+        )
+
+    def get_config(self) -> dict[str, Any]:
+        """The persisted config: :meth:`e5v.collection.binding.Binding.to_config`."""
+        return self.binding.to_config()
 
     @staticmethod
     def build_from_config(config: dict[str, Any]) -> E5VEmbeddingFunction:
         """The function a config describes, on this machine's default device (the
         embedder is shared, so rebuilding never loads the model again), or through the
         config's server, with the key read from its ``api_key_env_var``."""
-        E5VEmbeddingFunction.validate_config(config)
-        prompts = config.get("prompts")
+        binding = Binding.from_config(config)
         return E5VEmbeddingFunction(
-            config["model_name"],
-            revision=config.get("revision"),
-            dtype=config.get("dtype"),
-            batch_size=config.get("batch_size", "auto"),
-            prompts=PromptSet(**prompts) if isinstance(prompts, dict) else prompts,
-            base_url=config.get("base_url"),
-            api_key_env_var=config.get("api_key_env_var", API_KEY_ENV_VAR),
+            binding.model,
+            revision=binding.revision,
+            dtype=binding.dtype,
+            batch_size=binding.batch_size,
+            prompts=binding.prompts,
+            base_url=binding.base_url,
+            api_key_env_var=binding.api_key_env_var or API_KEY_ENV_VAR,
         )
 
     @staticmethod
     def validate_config(config: dict[str, Any]) -> None:
-        unknown = sorted(set(config) - set(CONFIG_KEYS))
-        if unknown:
-            raise ValueError(f"unknown e5v config keys {unknown}; expected some of {list(CONFIG_KEYS)}")
-        if not isinstance(config.get("model_name"), str) or not config["model_name"]:
-            raise ValueError(f"e5v config needs model_name, a hub id or a local directory; got {config!r}")
-        for key in ("revision", "dtype", "base_url", "api_key_env_var"):
-            if config.get(key) is not None and not isinstance(config[key], str):
-                raise ValueError(f"e5v config {key} must be a string or null, got {config[key]!r}")
-        if config.get("base_url") is not None:
-            given = [key for key in ("revision", "dtype") if config.get(key) is not None]
-            if isinstance(config.get("prompts"), dict):
-                given.append("custom prompts (the server takes a preset name)")
-            if given:
-                raise ValueError(
-                    f"e5v config with base_url (an e5v server) cannot hold {', '.join(given)}: "
-                    "the server's model embeds; drop them"
-                )
-        elif config.get("api_key_env_var") is not None:
-            raise ValueError("e5v config api_key_env_var names the key of an e5v server: it needs base_url")
-        try:
-            check_batch_size(config.get("batch_size", "auto"))
-        except ValueError as exc:
-            raise ValueError(f"e5v config {exc}") from None
-        prompts = config.get("prompts")
-        if isinstance(prompts, str):
-            get_prompts(prompts)
-        elif isinstance(prompts, dict):
-            try:
-                PromptSet(**prompts)
-            except TypeError as exc:
-                raise ValueError(f"e5v config prompts is not a prompt set: {exc}") from None
-        elif prompts is not None:
-            raise ValueError(f"e5v config prompts must be a preset name or a prompt set, got {prompts!r}")
+        """``ValueError`` naming what is wrong with a persisted config."""
+        Binding.from_config(config)
 
     def validate_config_update(self, old_config: dict[str, Any], new_config: dict[str, Any]) -> None:
         """Refuse a change of model, revision or prompts: the stored vectors would no
@@ -274,29 +246,13 @@ def clear_cache() -> None:
         _EMBEDDERS.clear()
 
 
-def _dtype_name(dtype: str | torch.dtype) -> str:
-    """Canonical name of a dtype ("bf16" -> "bfloat16"); raises ``ValueError`` if unknown."""
-    return str(resolve_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
-
-
-def _model_name(name: str | Path) -> str:
-    """Local directories as absolute paths, so a persisted config opens from any directory."""
-    path = Path(name)
-    return str(path.resolve()) if path.is_dir() else str(name)
-
-
-def _prompts_config(prompts: PromptSet) -> str | dict[str, str]:
-    """A preset's name, or every template of a custom prompt set."""
-    return prompts.name if PRESETS.get(prompts.name) == prompts else dataclasses.asdict(prompts)
-
-
 def _key(model_name: str, revision: str | None, dtype: torch.dtype, prompts: PromptSet) -> tuple[Any, ...]:
     return (model_name, revision, dtype, prompts)
 
 
 def _share(embedder: E5VEmbedder) -> None:
     """Offer a caller's embedder to functions rebuilt from the same config."""
-    key = _key(_model_name(embedder.model_name), embedder.revision, embedder.dtype, embedder.prompts)
+    key = _key(model_key(embedder.model_name), embedder.revision, embedder.dtype, embedder.prompts)
     with _EMBEDDERS_LOCK:
         _EMBEDDERS.setdefault(key, {}).setdefault(str(embedder.device), embedder)
 
@@ -352,7 +308,7 @@ def _check_embedder_options(
 ) -> None:
     given = {"device": device, "dtype": dtype, "revision": revision, "prompts": prompts}
     clashing = [name for name, value in given.items() if value is not None]
-    if model_name is not None and _model_name(model_name) != _model_name(embedder.model_name):
+    if model_name is not None and model_key(model_name) != model_key(embedder.model_name):
         clashing.insert(0, "model_name")
     if clashing:
         raise ValueError(

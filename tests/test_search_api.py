@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
 import subprocess
@@ -310,3 +311,41 @@ def test_a_pdf_pages_thumbnail_is_its_rendering(tmp_path: Path, tiny_path: Path)
     text = next(record for record in records if record.metadata["kind"] == "text")
     with pytest.raises(ThumbnailError, match="only image records and PDF pages have thumbnails"):
         thumbnails.get(text)
+
+
+#: Every field a hit may carry, and every metadata key of one indexed by e5v: no bookkeeping.
+API_HIT_FIELDS = {"rank", "id", "score", "kind", "path", "passage", "start", "end", "text", "thumbnail", "metadata"}
+JSON_HIT_FIELDS = {"rank", "id", "score", "kind", "path", "page", "passage", "start", "end", "text"}
+PUBLIC_METADATA = {"sha256", "page"}
+
+
+def test_hits_carry_no_bookkeeping_field(tmp_path: Path, tiny_path: Path) -> None:
+    """Not in /v1/search's hits (as the page shows them), not in `e5v search --json`."""
+    pytest.importorskip("pypdfium2")
+    from e5v.collection.repository import Store
+    from e5v.server.search import _hit
+
+    (tmp_path / "docs").mkdir()
+    shutil.copy(EXAMPLES / "hubble-deep-field.pdf", tmp_path / "docs")
+    shutil.copy(EXAMPLES / "horse.png", tmp_path / "docs")
+    shutil.copytree(EXAMPLES / "notes", tmp_path / "docs" / "notes")
+    db = tmp_path / "db"
+    done = e5v("index", tmp_path / "docs", "--model", tiny_path, "--db", db, "--pdf-records", "image,text,interleaved")
+    assert done.returncode == 0, done.stderr
+    store = Store(db)
+    records = store.nearest(store.get_records([next(iter(store.stored().values())).id], vectors=True)[0].vector, 100)
+    assert len(records) == store.count() and {record.metadata["kind"] for record in records} == {
+        "image",
+        "text",
+        "interleaved",
+    }
+    for rank, record in enumerate(records, 1):
+        shown = _hit(rank, record).model_dump()
+        assert set(shown) == API_HIT_FIELDS
+        assert set(shown["metadata"]) <= PUBLIC_METADATA
+        assert ("page" in shown["metadata"]) == record.metadata["path"].endswith(".pdf")
+    searched = e5v("search", "a galaxy", "-k", "100", "--json", "--db", db)
+    assert searched.returncode == 0, searched.stderr
+    listed = json.loads(searched.stdout)
+    assert len(listed) == len(records) and all(set(hit) <= JSON_HIT_FIELDS for hit in listed)
+    assert {hit["page"] for hit in listed if hit["path"].endswith(".pdf")} == {1, 2}

@@ -1,9 +1,16 @@
-"""Deprecated: :mod:`e5v.collection.repository` (this alias goes in the next release); import from there."""
+"""Deprecated: the old ``e5v.store``, split into :mod:`e5v.collection.repository` (the
+Chroma store) and :mod:`e5v.collection.pipeline` (indexing); this alias goes in the next
+release. Import from there."""
 
-import sys
 import warnings
 
-from e5v.collection import repository as _moved
+from e5v.collection.pipeline import IndexSummary, index_files
+from e5v.collection.repository import Hit, Store, StoredRecord, StoreError
 
-warnings.warn("e5v.store moved to e5v.collection.repository; import from there", DeprecationWarning, stacklevel=2)
-sys.modules[__name__] = _moved
+__all__ = ["Hit", "IndexSummary", "Store", "StoreError", "StoredRecord", "index_files"]
+
+warnings.warn(
+    "e5v.store moved to e5v.collection.repository and e5v.collection.pipeline; import from there",
+    DeprecationWarning,
+    stacklevel=2,
+)

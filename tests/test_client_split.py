@@ -18,7 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from serving import KEY, start_server, stop
 
 from e5v import Composed, Interleaved, InvalidInputError, RemoteEmbedder
-from e5v.client import _chunks, _Wire
+from e5v.wire.encode import WireItem, chunks
 
 #: Pixels a request: every fixture photo is under it (the largest, rocket, has 640x427 = 273,280).
 BUDGET = 300_000
@@ -105,7 +105,7 @@ def test_an_item_over_the_budget_alone_is_refused_before_anything_is_sent(
 
 def test_chunks_close_before_either_limit_would_be_passed() -> None:
     def cut(pixels: list[int], most: int, budget: int | None) -> list[list[int]]:
-        return [list(chunk) for chunk in _chunks([_Wire("x", n) for n in pixels], most, budget)]
+        return [list(chunk) for chunk in chunks([WireItem("x", n) for n in pixels], most, budget)]
 
     assert cut([], 3, 10) == []
     assert cut([4, 6, 1, 0, 0, 9, 2], 3, 10) == [[0, 1], [2, 3, 4], [5], [6]]  # a chunk may hold exactly the budget

@@ -5,9 +5,10 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from typing import TYPE_CHECKING, Any
 
-from e5v.client import Embedder, RemoteEmbedder
+from e5v.client import RemoteEmbedder
 from e5v.core.inputs import Composed, Interleaved
 from e5v.core.prompts import PromptSet
+from e5v.core.protocol import Embedder
 from e5v.core.similarity import ContrastiveRanking, contrastive_rank, cosine_similarity
 from e5v.defaults import DEFAULT_MODEL
 from e5v.errors import E5VError, EmbeddingError, InvalidInputError, ModelLoadError

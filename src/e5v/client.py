@@ -1,8 +1,9 @@
 """``RemoteEmbedder``: the :class:`~e5v.core.embedder.E5VEmbedder` methods, answered by an ``e5v serve``.
 
-Items are sent as ``POST /v1/embeddings`` items (see :mod:`e5v.wire.schema`); images
-travel as their encoded bytes in ``data:`` URIs (files are read here, PIL images and
-arrays are encoded as PNG), and the server decodes them. A list goes in as many requests as
+Items are sent as ``POST /v1/embeddings`` items, encoded by :mod:`e5v.wire.encode` as
+:mod:`e5v.wire.schema` parses them: images travel as their encoded bytes in ``data:`` URIs
+(files are read here, PIL images and arrays are encoded as PNG), and the server decodes
+them. A list goes in as many requests as
 keep each within the server's ``max_client_batch_size`` items and ``max_request_pixels``
 (counted from the image headers, as the server counts them); errors name the item by its
 index in the caller's list. Every answer is parsed and checked before a vector is returned.
@@ -18,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import io
 import itertools
 import logging
 import os
@@ -27,21 +27,28 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
-from pathlib import Path
 from types import TracebackType
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import httpcore
 import httpx
 import numpy as np
-from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from e5v.core.inputs import Composed, ImageLoader, Interleaved, as_list, check_lengths, decode_data_uri, describe
+from e5v.core.inputs import Interleaved
+from e5v.core.protocol import Embedder
 from e5v.errors import ConfigurationError, E5VError, EmbeddingError, InvalidInputError
+from e5v.wire.encode import (
+    WireItem,
+    chunks,
+    composed_items,
+    image_items,
+    interleaved_items,
+    mixed_items,
+    text_items,
+)
 from e5v.wire.schema import EmbeddingResponse, ErrorResponse
 
 __all__ = ["API_KEY_ENV_VAR", "DEFAULT_TIMEOUT", "MAX_RETRY_AFTER", "Embedder", "RemoteEmbedder"]
@@ -61,31 +68,6 @@ _EXCERPT = 200
 _SMALL_ANSWER = 1 << 20
 #: The monotonic time the running call must end by (``None``: no call is running).
 _DEADLINE: ContextVar[float | None] = ContextVar("e5v_remote_deadline", default=None)
-
-
-@runtime_checkable
-class Embedder(Protocol):
-    """What both :class:`~e5v.core.embedder.E5VEmbedder` and :class:`RemoteEmbedder` do; each
-    method also takes ``batch_size`` and ``show_progress_bar`` (``None``: the default)."""
-
-    @property
-    def dimension(self) -> int: ...
-
-    @property
-    def model_name(self) -> str: ...
-
-    @property
-    def batch_size(self) -> int: ...
-
-    def embed_texts(self, texts: Sequence[str], **options: Any) -> np.ndarray: ...
-
-    def embed_images(self, images: Sequence[Any], **options: Any) -> np.ndarray: ...
-
-    def embed_composed(self, images: Sequence[Any], texts: Sequence[str], **options: Any) -> np.ndarray: ...
-
-    def embed_interleaved(self, items: Sequence[Interleaved | Sequence[Any]], **options: Any) -> np.ndarray: ...
-
-    def embed(self, items: Sequence[Any], **options: Any) -> np.ndarray: ...
 
 
 class _ServerInfo(BaseModel):
@@ -225,45 +207,45 @@ class RemoteEmbedder:
     # -- embedding ------------------------------------------------------------------------
 
     def embed_texts(self, texts: Sequence[str], **options: Any) -> np.ndarray:
-        return self._embed(_texts(texts), **options)
+        return self._embed(text_items(texts), **options)
 
     def embed_images(self, images: Sequence[Any], **options: Any) -> np.ndarray:
-        return self._embed(_images(images), **options)
+        return self._embed(image_items(images), **options)
 
     def embed_composed(self, images: Sequence[Any], texts: Sequence[str], **options: Any) -> np.ndarray:
-        return self._embed(_composed(images, texts), **options)
+        return self._embed(composed_items(images, texts), **options)
 
     def embed_interleaved(self, items: Sequence[Interleaved | Sequence[Any]], **options: Any) -> np.ndarray:
-        return self._embed(_interleaved(items), **options)
+        return self._embed(interleaved_items(items), **options)
 
     def embed(self, items: Sequence[Any], *, prompts: str | None = None, **options: Any) -> np.ndarray:
         """A mixed list, as :meth:`E5VEmbedder.embed <e5v.core.embedder.E5VEmbedder.embed>` takes it;
         ``prompts``: a preset name the server knows."""
-        return self._embed(_mixed(items), prompts, **options)
+        return self._embed(mixed_items(items), prompts, **options)
 
     async def aembed_texts(self, texts: Sequence[str], **options: Any) -> np.ndarray:
         """:meth:`embed_texts` for asyncio."""
-        return await self._aembed(_texts(texts), **options)
+        return await self._aembed(text_items(texts), **options)
 
     async def aembed_images(self, images: Sequence[Any], **options: Any) -> np.ndarray:
         """:meth:`embed_images` for asyncio (files are read and images encoded on a worker thread)."""
-        return await self._aembed(await asyncio.to_thread(_images, images), **options)
+        return await self._aembed(await asyncio.to_thread(image_items, images), **options)
 
     async def aembed_composed(self, images: Sequence[Any], texts: Sequence[str], **options: Any) -> np.ndarray:
         """:meth:`embed_composed` for asyncio."""
-        return await self._aembed(await asyncio.to_thread(_composed, images, texts), **options)
+        return await self._aembed(await asyncio.to_thread(composed_items, images, texts), **options)
 
     async def aembed_interleaved(self, items: Sequence[Interleaved | Sequence[Any]], **options: Any) -> np.ndarray:
         """:meth:`embed_interleaved` for asyncio."""
-        return await self._aembed(await asyncio.to_thread(_interleaved, items), **options)
+        return await self._aembed(await asyncio.to_thread(interleaved_items, items), **options)
 
     async def aembed(self, items: Sequence[Any], *, prompts: str | None = None, **options: Any) -> np.ndarray:
         """:meth:`embed` for asyncio."""
-        return await self._aembed(await asyncio.to_thread(_mixed, items), prompts, **options)
+        return await self._aembed(await asyncio.to_thread(mixed_items, items), prompts, **options)
 
     def _embed(
         self,
-        items: list[_Wire],
+        items: list[WireItem],
         prompts: str | None = None,
         *,
         batch_size: int | str | None = None,
@@ -285,7 +267,7 @@ class RemoteEmbedder:
 
     async def _aembed(
         self,
-        items: list[_Wire],
+        items: list[WireItem],
         prompts: str | None = None,
         *,
         batch_size: int | str | None = None,
@@ -298,7 +280,7 @@ class RemoteEmbedder:
 
     async def _aembed_all(
         self,
-        items: list[_Wire],
+        items: list[WireItem],
         prompts: str | None,
         batch_size: int | str | None,
         show_progress_bar: bool | None,
@@ -320,14 +302,14 @@ class RemoteEmbedder:
         return _stacked(parts, info["dimension"])
 
     def _requests(
-        self, items: list[_Wire], prompts: str | None, batch_size: int | str | None, info: dict[str, Any]
+        self, items: list[WireItem], prompts: str | None, batch_size: int | str | None, info: dict[str, Any]
     ) -> Iterator[tuple[int, dict[str, Any]]]:
         """Each request's first item's position and its body (all planned before the first is sent)."""
         most = int(info.get("max_client_batch_size") or len(items) or 1)
         if isinstance(batch_size, int) and not isinstance(batch_size, bool):
             most = max(1, min(most, batch_size))
         preset = prompts or self.prompts
-        for chunk in _chunks(items, most, info.get("max_request_pixels")):
+        for chunk in chunks(items, most, info.get("max_request_pixels")):
             body: dict[str, Any] = {"input": [items[i].json for i in chunk], "encoding_format": "base64"}
             if preset is not None:
                 body["prompts"] = preset
@@ -769,139 +751,3 @@ def _progress(total: int, show: bool | None) -> Iterator[Any]:
 
     with tqdm(total=total, desc="Embedding", unit="item", disable=not show) as bar:
         yield bar
-
-
-# -- items as the server's JSON --------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class _Wire:
-    """One item as the server's JSON, and the pixels its images' headers claim (0 where none tell)."""
-
-    json: Any
-    pixels: int = 0
-
-
-#: Reads image headers for their size, as the server's scheduler does (never decodes pixels).
-_HEADERS = ImageLoader()
-
-
-def _chunks(items: Sequence[_Wire], most: int, max_pixels: int | None) -> list[range]:
-    """``items`` cut, in order, into runs of at most ``most`` items and ``max_pixels`` pixels (``None``: any),
-    each closed before it would go over; an item over ``max_pixels`` alone is an :class:`InvalidInputError`."""
-    chunks: list[range] = []
-    start = pixels = 0
-    for index, item in enumerate(items):
-        if max_pixels is not None and item.pixels > max_pixels:
-            raise InvalidInputError(
-                f"its images hold {item.pixels} pixels, over the server's limit of {max_pixels} a request "
-                "(max_request_pixels in its /info); downscale them, or restart the server with a larger "
-                "--max-request-pixels",
-                index=index,
-            )
-        if index - start == most or (max_pixels is not None and pixels + item.pixels > max_pixels):
-            chunks.append(range(start, index))
-            start, pixels = index, 0
-        pixels += item.pixels
-    if start < len(items):
-        chunks.append(range(start, len(items)))
-    return chunks
-
-
-def _texts(texts: Sequence[str]) -> list[_Wire]:
-    return [_Wire(_text(text, i)) for i, text in enumerate(as_list(texts, "texts"))]
-
-
-def _images(images: Sequence[Any]) -> list[_Wire]:
-    return [_Wire(*_image_part(image, i)) for i, image in enumerate(as_list(images, "images"))]
-
-
-def _composed(images: Sequence[Any], texts: Sequence[str]) -> list[_Wire]:
-    images, texts = as_list(images, "images"), as_list(texts, "texts")
-    check_lengths(images, texts)
-    return [_item(Composed(image, text), i) for i, (image, text) in enumerate(zip(images, texts))]
-
-
-def _interleaved(items: Sequence[Interleaved | Sequence[Any]]) -> list[_Wire]:
-    return [
-        _item(item if isinstance(item, Interleaved) else Interleaved(item), i)
-        for i, item in enumerate(as_list(items, "items"))
-    ]
-
-
-def _mixed(items: Sequence[Any]) -> list[_Wire]:
-    return [_item(item, i) for i, item in enumerate(as_list(items, "items"))]
-
-
-def _text(value: object, index: int) -> str:
-    if not isinstance(value, str):
-        raise InvalidInputError(f"texts must be strings, got {describe(value)}", index=index)
-    return value
-
-
-def _item(item: object, index: int) -> _Wire:
-    """One item as the server's JSON: a ``str`` is text, anything else as ``E5VEmbedder.embed`` reads it."""
-    if isinstance(item, str):
-        return _Wire(item)
-    if isinstance(item, Composed):
-        part, pixels = _image_part(item.image, index)
-        return _Wire({"type": "composed", "image_url": part["image_url"], "text": item.text}, pixels)
-    if isinstance(item, Interleaved):
-        parts = [
-            ({"type": "text", "text": part}, 0) if isinstance(part, str) else _image_part(part, index)
-            for part in item.parts
-        ]
-        return _Wire([part for part, _ in parts], sum(pixels for _, pixels in parts))
-    return _Wire(*_image_part(item, index))
-
-
-def _image_part(image: object, index: int) -> tuple[dict[str, Any], int]:
-    """An image-like as a content part (a URL as it is, anything else as its encoded bytes), and its pixels."""
-    if isinstance(image, str) and image[:8].lower().startswith(("http://", "https://")):
-        return {"type": "image_url", "image_url": {"url": image}}, 0
-    if isinstance(image, str) and image[:5].lower() == "data:":
-        try:
-            pixels = _pixels(decode_data_uri(image, index))
-        except InvalidInputError:  # the server says what is wrong with it
-            pixels = 0
-        return {"type": "image_url", "image_url": {"url": image}}, pixels
-    data = _encoded(image, index)
-    return {"type": "image_url", "image_url": {"url": _data_uri(data)}}, _pixels(data)
-
-
-def _pixels(data: bytes) -> int:
-    """The pixels an encoded image's header claims (0 where it cannot be read: the server says why)."""
-    size = _HEADERS.peek_size(data)
-    return 0 if size is None else size[0] * size[1]
-
-
-def _encoded(image: object, index: int) -> bytes:
-    if isinstance(image, (str, Path)):
-        try:
-            return Path(image).read_bytes()
-        except OSError as exc:
-            raise InvalidInputError(
-                f"image file {str(image)!r} cannot be read ({exc.strerror or exc}); check the path", index=index
-            ) from None
-    if isinstance(image, (bytes, bytearray, memoryview)):
-        return bytes(image)
-    if isinstance(image, np.ndarray):
-        image = ImageLoader(max_image_pixels=image.size + 1).load(image, index)  # checked, as the embedder would
-    if isinstance(image, Image.Image):
-        buffer = io.BytesIO()
-        image.save(buffer, format="PNG")
-        return buffer.getvalue()
-    if hasattr(image, "read") and callable(image.read):
-        data = image.read()
-        if isinstance(data, (bytes, bytearray)):
-            return bytes(data)
-    raise InvalidInputError(f"unsupported image type {describe(image)}; pass a path, bytes or a PIL image", index=index)
-
-
-def _data_uri(data: bytes) -> str:
-    try:
-        with Image.open(io.BytesIO(data)) as opened:
-            kind = (opened.format or "png").lower()
-    except Exception:  # the server says what is wrong with it
-        kind = "png"
-    return f"data:image/{kind};base64,{base64.b64encode(data).decode('ascii')}"

@@ -10,9 +10,10 @@ from langchain_core.embeddings import Embeddings
 from langchain_core.runnables.config import run_in_executor
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator
 
-from e5v import DEFAULT_MODEL, Embedder, Interleaved, RemoteEmbedder
+from e5v import DEFAULT_MODEL, Interleaved, RemoteEmbedder
 from e5v.client import API_KEY_ENV_VAR
 from e5v.core.inputs import ImageLike
+from e5v.core.protocol import Embedder
 
 __all__ = ["E5VEmbeddings"]
 

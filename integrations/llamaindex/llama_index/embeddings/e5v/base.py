@@ -11,8 +11,9 @@ from io import BytesIO
 from pathlib import Path
 from typing import Any
 
-from e5v import DEFAULT_MODEL, E5VEmbedder, Embedder, Interleaved, InvalidInputError, RemoteEmbedder
+from e5v import DEFAULT_MODEL, E5VEmbedder, Interleaved, InvalidInputError, RemoteEmbedder
 from e5v.client import API_KEY_ENV_VAR
+from e5v.core.protocol import Embedder
 from llama_index.core.base.embeddings.base import Embedding
 from llama_index.core.bridge.pydantic import Field, PrivateAttr
 from llama_index.core.embeddings import MultiModalEmbedding

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from e5v import InvalidInputError, remote
+from e5v import InvalidInputError
+from e5v.core import remote
 from e5v.core.inputs import ImageLoader
 from e5v.core.remote import RemotePolicy, fetch
 from e5v.errors import ConfigurationError

@@ -169,6 +169,40 @@ def test_prepared_items_embed_as_the_embedder_does(embedder, photo_dir) -> None:
     assert prepared[1].pixels == Image.open(photo_dir / "cat.png").width * Image.open(photo_dir / "cat.png").height
 
 
+def test_a_served_item_is_tokenised_once_and_its_tokens_come_back_with_its_vector(
+    embedder, photo_dir, monkeypatch
+) -> None:
+    """From submit to the job's result, each item meets the tokenizer once (preparing it); its
+    token count travels with it to the result, never counted again."""
+    from e5v.core.inputs import Interleaved, composed_request, interleaved_request
+
+    cat = (photo_dir / "cat.png").read_bytes()
+    requests = [
+        text_request("a served text", 0),
+        image_request(cat, 1),
+        composed_request(cat, "make it a dog", 2),
+        interleaved_request(Interleaved([cat, "a caption"]), 3),
+    ]
+    bodies = embedder.prompt_bodies()
+    tokenizer = type(embedder.processor.tokenizer)
+    calls: list[object] = []
+    real = tokenizer.__call__
+
+    def counted(self, text, *args, **kwargs):  # the real tokenizer, counted
+        calls.extend(text if isinstance(text, list) else [text])
+        return real(self, text, *args, **kwargs)
+
+    scheduler = Scheduler(embedder)
+    try:
+        monkeypatch.setattr(tokenizer, "__call__", counted)
+        result = scheduler.submit(requests, bodies).result(timeout=120)
+        monkeypatch.undo()
+    finally:
+        scheduler.close()
+    assert len(calls) == len(requests)
+    assert result.tokens == [embedder.token_counts([request], bodies)[0] for request in requests]
+
+
 def test_a_huge_text_is_cut_by_characters_before_tokenising(embedder) -> None:
     """A text far over max_text_tokens reaches the tokenizer cut to max_text_chars, and
     embeds as the same text cut there by hand; a text within the limit is never cut."""

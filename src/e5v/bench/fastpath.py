@@ -470,7 +470,7 @@ def _model_alone(
 def _bench_corpus(
     corpus: str, embedder: E5VEmbedder, items: list[Any], repeats: int, peak: float | None, memory: _Memory
 ) -> CorpusResult:
-    loaded = embedder._loaded
+    loaded = embedder.loaded
     inputs = _recipe_inputs(embedder, items)
 
     def recipe() -> np.ndarray:

@@ -90,42 +90,53 @@ class Prepared:
 class E5VEmbedder:
     """E5-V embeddings: unit-length float32 vectors, one per input, in input order.
 
-    ``model_name_or_path`` is a hub id or a local directory saved with
-    ``save_pretrained``. ``device=None`` picks CUDA when available, else CPU;
-    ``dtype=None`` picks bfloat16 (float16 where unsupported) on GPU, float32 on CPU.
-    ``device_map`` is passed to transformers (accelerate) for multi-GPU or offload.
-    ``prompts`` is a preset name of :data:`e5v.core.prompts.PRESETS` or a
-    :class:`~e5v.core.prompts.PromptSet` (default: the paper's). ``adapter`` is a LoRA
-    adapter saved by ``e5v train`` (a directory or hub id), merged into the model.
-    A :class:`~e5v.model.loading.LoadedModel` may be passed instead of a name: it is used as
-    is, and the loading options are ignored.
+    Texts, images, composed queries and interleaved items all land in one space. Every
+    ``embed*`` method also takes ``batch_size`` and ``show_progress_bar`` for that call
+    (``None``: the embedder's). The same checkpoint loaded twice with the same options is
+    shared, not reloaded.
 
-    Off by default because they change the vectors: ``max_image_tiles`` caps the anyres
-    tiles per image besides the base view (E5-V uses up to 4; ``0`` keeps only the base
-    336x336 view, about 5x fewer image tokens); ``quantization="8bit"`` or ``"4bit"``
-    loads the language model through bitsandbytes (CUDA only). ``cache`` is a folder of
-    a persistent embedding cache (:mod:`e5v.core.cache`), keyed by content, prompt, model and
-    these options; an unchanged input is then served from disk without running the model.
+    Parameters:
 
-    Batches hold at most ``batch_size`` items (``"auto"``: 16 on a CPU, 256 on an
-    accelerator) and ``max_batch_tokens`` padded tokens (``"auto"``: 16384 on an
-    accelerator; on a CPU 1024 shared by the workers, so 512 a batch with two; ``None``:
-    no token limit). They are
-    planned over the whole call, longest first, from token counts known before any
-    image is decoded (exact for text, and for images from their size in the file
-    header; a URI counts as the grid's largest image). With
-    ``prepare_ahead`` each batch is prepared (decoded, tiled, tokenised) on a worker
-    thread while the model runs the one before, its images processed on up to
-    :data:`MAX_IMAGE_THREADS` threads at once; ``None`` turns it on for accelerators
-    and off on a CPU, where the model already uses every core and a preparing thread
-    only slows it down (2x on images on a 2-core machine). On a CPU, ``workers=N``
-    runs N batches at once, each prepared and forwarded on its own thread with an
-    equal share of torch's threads: one batch's preparation and per-operation overhead
-    overlap another's compute (off by default; measured in docs/performance.md); a
-    call of one batch (a query) runs on the calling thread with all of torch's
-    threads. Accelerators run one batch at a time. Every ``embed*`` method also
-    takes ``batch_size`` and ``show_progress_bar`` for that call (``None``: the embedder's).
-    The same checkpoint loaded twice with the same options is shared, not reloaded.
+    - ``model_name_or_path``: a hub id, a local directory saved with ``save_pretrained``, or
+      a :class:`~e5v.model.loading.LoadedModel` used as it is (the loading options are then
+      ignored).
+    - ``device``: ``None`` picks CUDA when available, else CPU.
+    - ``dtype``: ``None`` picks bfloat16 (float16 where unsupported) on GPU, float32 on CPU.
+    - ``batch_size``: most items a batch; ``"auto"``: 16 on a CPU, 256 on an accelerator.
+    - ``max_batch_tokens``: most padded tokens a batch; ``"auto"``: 16384 on an accelerator,
+      on a CPU 1024 shared by the workers (512 a batch with two); ``None``: no limit.
+      Batches are planned over the whole call, longest first, from token counts known
+      before any image is decoded (exact for text, and for images from their size in the
+      file header; a URI counts as the grid's largest image).
+    - ``prompts``: a preset name of :data:`e5v.core.prompts.PRESETS` or a
+      :class:`~e5v.core.prompts.PromptSet` (default: the paper's).
+    - ``revision``, ``cache_dir``: the hub revision and download folder.
+    - ``device_map``: passed to transformers (accelerate) for multi-GPU or offload.
+    - ``allow_pickle``: load ``.bin`` weights (pickles) when there are no safetensors.
+    - ``allow_remote``: fetch ``http(s)`` image URLs (``True``, or a
+      :class:`~e5v.core.remote.RemotePolicy`); off by default.
+    - ``max_image_pixels``: images with more pixels are refused (decompression bombs).
+    - ``max_text_tokens``: texts longer than this many tokens are cut, with a warning.
+    - ``show_progress_bar``: the default for every call.
+    - ``model_kwargs``: more keyword arguments for ``from_pretrained``.
+    - ``adapter``: a LoRA adapter saved by ``e5v train`` (a directory or hub id), merged in.
+    - ``max_image_tiles``: caps the anyres tiles per image besides the base view (E5-V uses up
+      to 4; ``0`` keeps only the base 336x336 view, about 5x fewer image tokens). Changes
+      the vectors; off by default.
+    - ``quantization``: ``"8bit"`` or ``"4bit"`` loads the language model through
+      bitsandbytes (CUDA only). Changes the vectors; off by default.
+    - ``cache``: a folder (or :class:`~e5v.core.cache.EmbeddingCache`) of a persistent
+      embedding cache keyed by content, prompt, model and the options above that change
+      vectors: an unchanged input is served from disk without running the model.
+    - ``prepare_ahead``: prepare (decode, tile, tokenise) each batch on a worker thread while
+      the model runs the one before, its images on up to :data:`MAX_IMAGE_THREADS` threads;
+      ``None``: on for accelerators, off on a CPU, where the model already uses every core
+      and a preparing thread only slows it down (2x on images on a 2-core machine).
+    - ``workers``: on a CPU, run this many batches at once, each prepared and forwarded on
+      its own thread with an equal share of torch's threads, so one batch's preparation and
+      per-operation overhead overlap another's compute (measured in docs/performance.md); a
+      call of one batch (a query) runs on the calling thread with all of torch's threads.
+      Accelerators run one batch at a time.
     """
 
     def __init__(
@@ -241,6 +252,12 @@ class E5VEmbedder:
         return self._loaded.dtype
 
     @property
+    def loaded(self) -> loading.LoadedModel:
+        """The :class:`~e5v.model.loading.LoadedModel` it runs: model, processor, devices and the
+        lock its forwards hold (one object for the embedders of one checkpoint and options)."""
+        return self._loaded
+
+    @property
     def model(self) -> Any:
         """The underlying ``LlavaNextForConditionalGeneration``."""
         return self._loaded.model
@@ -307,14 +324,12 @@ class E5VEmbedder:
         cheaply by characters, then by tokens), images decoded once and tiled, the prompt
         tokenised. An item the embedding cache holds comes back with its ``vector``.
         Raises :class:`~e5v.errors.InvalidInputError` naming ``request.index``."""
-        cache_key = self._cache_key(request, bodies) if self.cache is not None else None
+        cache_key, vector = self.cache_lookup(self._prompt(request, bodies), request.images)
         key = (self._prompt(request, bodies, cut=True), *(content_key(image) for image in request.images))
-        if cache_key is not None and self.cache is not None:
-            vector = self.cache.get(cache_key, self.dimension)
-            if vector is not None:
-                with self._tokenizing:
-                    [tokens] = self._token_bounds([request], bodies, truncate=True)
-                return Prepared(key, tokens, cache_key=cache_key, vector=vector)
+        if vector is not None:  # counted, never encoded
+            with self._tokenizing:
+                [tokens] = self._token_bounds([request], bodies, truncate=True)
+            return Prepared(key, tokens, cache_key=cache_key, vector=vector)
         processed, pixels = self._pixels(request)
         with self._tokenizing:
             prompt = self._prompt(request, bodies, truncate=True)
@@ -347,6 +362,21 @@ class E5VEmbedder:
                 if self.cache is not None and unique[i].cache_key is not None:
                     self.cache.put(unique[i].cache_key, vector)  # type: ignore[arg-type]
         return out
+
+    def cache_lookup(self, prompt: str, images: Sequence[Any]) -> tuple[str | None, np.ndarray | None]:
+        """The embedding cache's key for a vector of this model and options, and the vector
+        stored under it. ``prompt`` is what decides the vector besides the model and the images
+        (for an ordinary item, its full prompt as the model reads it), ``images`` its image-likes
+        in order. The key is ``None`` without a cache or for an uncacheable image (a remote URL),
+        the vector ``None`` on a miss; store a vector computed another way with
+        ``embedder.cache.put(key, vector)``."""
+        if self.cache is None:
+            return None, None
+        digests = [image_digest(image) for image in images]
+        if any(digest is None for digest in digests):
+            return None, None
+        key = entry_key(self._identity, prompt, [digest for digest in digests if digest is not None])
+        return key, self.cache.get(key, self.dimension)
 
     def similarity(self, a: Any, b: Any) -> float:
         """Cosine similarity of two inputs of any kind (as in :meth:`embed`)."""
@@ -390,7 +420,7 @@ class E5VEmbedder:
         try:
             cache, cache_keys = self.cache, {}
             if cache is not None:
-                unique = self._from_cache(cache, unique, bodies, out, rows_of, cache_keys, progress)
+                unique = self._from_cache(unique, bodies, out, rows_of, cache_keys, progress)
             if unique:
                 planned = plan_batches(
                     self._token_bounds(unique, bodies),
@@ -411,7 +441,6 @@ class E5VEmbedder:
 
     def _from_cache(
         self,
-        cache: EmbeddingCache,
         unique: list[Request],
         bodies: dict[str, str],
         out: np.ndarray,
@@ -423,13 +452,10 @@ class E5VEmbedder:
         their cache keys (uncacheable ones, such as remote URLs, get none)."""
         missing = []
         for request in unique:
-            key = self._cache_key(request, bodies)
-            if key is None:
-                missing.append(request)
-                continue
-            vector = cache.get(key, self.dimension)
+            key, vector = self.cache_lookup(self._prompt(request, bodies), request.images)
             if vector is None:
-                cache_keys[request.key()] = key
+                if key is not None:
+                    cache_keys[request.key()] = key
                 missing.append(request)
             else:
                 rows = rows_of[request.key()]
@@ -437,13 +463,6 @@ class E5VEmbedder:
                 progress(len(rows))
         logger.debug("embedding cache: %d of %d unique items found", len(unique) - len(missing), len(unique))
         return missing
-
-    def _cache_key(self, request: Request, bodies: dict[str, str]) -> str | None:
-        """The request's key in the embedding cache; ``None`` for an uncacheable one (a remote URL)."""
-        digests = [image_digest(image) for image in request.images]
-        if any(digest is None for digest in digests):
-            return None
-        return entry_key(self._identity, self._prompt(request, bodies), [d for d in digests if d is not None])
 
     def _token_bounds(
         self, requests: Sequence[Request], bodies: dict[str, str], *, truncate: bool = False
@@ -664,18 +683,8 @@ def _quantization_kwargs(
     require("bitsandbytes", "quantization")
     if device.type != "cuda":
         raise ConfigurationError(f"quantization={quantization!r} runs on CUDA only, not on {device}; use dtype instead")
-    from transformers import BitsAndBytesConfig
-
-    skip = ["vision_tower", "multi_modal_projector", "lm_head"]
-    if quantization == "8bit":
-        config = BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
-    else:
-        config = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=loading.resolve_dtype(dtype, device),
-            llm_int8_skip_modules=skip,
-        )
+    bits = 8 if quantization == "8bit" else 4
+    config = loading.bitsandbytes_config(bits, loading.resolve_dtype(dtype, device))
     return {**(model_kwargs or {}), "quantization_config": config}
 
 

@@ -180,9 +180,9 @@ def _hub_problem() -> str | None:
 
     if constants.is_offline_mode():
         return "HF_HUB_OFFLINE=1 is set"
-    from e5v.model.loading import _hub_problem as probe
+    from e5v.model.loading import hub_problem
 
-    return probe(constants.ENDPOINT)
+    return hub_problem(constants.ENDPOINT)
 
 
 def _first_line(exc: BaseException) -> str:

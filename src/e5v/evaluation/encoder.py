@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from e5v.core.batching import plan_batches
-from e5v.core.cache import entry_key, image_digest
 from e5v.core.inputs import ImageLoader
 from e5v.core.prompts import check_body, fill
 from e5v.errors import EmbeddingError
@@ -85,7 +84,7 @@ class Encoder:
         """Hidden states of ``images[i]`` with ``texts[j][i]`` for each list ``j``, each image
         processed once."""
         loader = ImageLoader(max_image_pixels=self.embedder.max_image_pixels)
-        loaded = self.embedder._loaded
+        loaded = self.embedder.loaded
         pixels = [
             runner.process_images(loaded, [loader.load(image, i)], max_image_tiles=self.embedder.max_image_tiles)
             for i, image in enumerate(images)
@@ -107,29 +106,24 @@ class Encoder:
     def _summed(self, images: Sequence[Any], first: Sequence[str], second: Sequence[str], body: str) -> np.ndarray:
         embedder = self.embedder
         out = np.empty((len(first), embedder.dimension), dtype=np.float32)
-        cache, keys, todo = embedder.cache, {}, list(range(len(first)))
-        if cache is not None:
-            todo = []
-            for i, (image, a, b) in enumerate(zip(images, first, second)):
-                digest = image_digest(image)
-                if digest is None:
-                    todo.append(i)
-                    continue
-                key = entry_key(embedder._identity, _pair_prompt(embedder, body, a, b), [digest])
-                vector = cache.get(key, embedder.dimension)
-                if vector is None:
+        keys: dict[int, str] = {}
+        todo = []
+        for i, (image, a, b) in enumerate(zip(images, first, second)):
+            key, vector = embedder.cache_lookup(_pair_prompt(embedder, body, a, b), [image])
+            if vector is None:
+                if key is not None:
                     keys[i] = key
-                    todo.append(i)
-                else:
-                    out[i] = vector
+                todo.append(i)
+            else:
+                out[i] = vector
         if todo:
             a, b = self._states([images[i] for i in todo], [[first[i] for i in todo], [second[i] for i in todo]], body)
             summed = a + b
             vectors = summed / np.linalg.norm(summed, axis=1, keepdims=True)
             for i, vector in zip(todo, vectors):
                 out[i] = vector
-                if i in keys:
-                    cache.put(keys[i], vector)  # type: ignore[union-attr]
+                if i in keys and embedder.cache is not None:
+                    embedder.cache.put(keys[i], vector)
         return out
 
     def _chunked(

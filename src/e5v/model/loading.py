@@ -34,10 +34,13 @@ from e5v.errors import ConfigurationError, ModelLoadError
 from e5v.optional import require
 
 __all__ = [
+    "QUANTIZATION_SKIP_MODULES",
     "LoadedModel",
     "add_image_token_row",
+    "bitsandbytes_config",
     "clear_cache",
     "forgotten_after",
+    "hub_problem",
     "load",
     "merge_adapter",
     "parse_device",
@@ -64,6 +67,9 @@ _DTYPES = {
 DTYPE_NAMES = "float32, bfloat16, float16 (or fp32, bf16, fp16)"
 #: Seconds to wait for the Hub to answer before loading from the cache or failing.
 HUB_PROBE_TIMEOUT = 5.0
+#: The parts of a LLaVA-NeXT model that bitsandbytes leaves unquantised: the vision tower, the
+#: projector and the head (quantising them costs accuracy and saves little memory).
+QUANTIZATION_SKIP_MODULES = ("vision_tower", "multi_modal_projector", "lm_head")
 #: What the Hub accepts as a repository id (``name`` or ``namespace/name``); anything else is a path.
 _HUB_ID = re.compile(r"[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?(?:/[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9_])?)?")
 
@@ -167,7 +173,7 @@ def resolve_source(
         if cached:
             return {"local_files_only": True}
         raise ModelLoadError(f"{text!r} is not in the Hugging Face cache and HF_HUB_OFFLINE=1 is set. {_OFFLINE_HELP}")
-    problem = _hub_problem(constants.ENDPOINT)
+    problem = hub_problem(constants.ENDPOINT)
     if problem is None:
         return {}
     if cached:
@@ -188,8 +194,9 @@ _OFFLINE_HELP = (
 
 
 @functools.lru_cache(maxsize=8)
-def _hub_problem(endpoint: str) -> str | None:
-    """Why ``endpoint`` cannot be reached (one request, no retries), or ``None`` if it answers."""
+def hub_problem(endpoint: str) -> str | None:
+    """Why the Hugging Face Hub at ``endpoint`` cannot be reached (one request, no retries, the
+    answer remembered for the process), or ``None`` if it answers."""
     from huggingface_hub.utils import get_session
 
     try:
@@ -197,6 +204,27 @@ def _hub_problem(endpoint: str) -> str | None:
     except Exception as exc:  # any transport failure means the downloads would fail too
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+def bitsandbytes_config(bits: int, compute_dtype: torch.dtype | None = None, *, double_quant: bool = False) -> Any:
+    """A transformers ``BitsAndBytesConfig`` that quantises the language model to ``bits``: 8
+    (LLM.int8), or 4 (NF4 computing in ``compute_dtype``, with ``double_quant`` as in QLoRA),
+    leaving :data:`QUANTIZATION_SKIP_MODULES` unquantised. The caller checks that bitsandbytes
+    is installed and the device is CUDA."""
+    from transformers import BitsAndBytesConfig
+
+    skip = list(QUANTIZATION_SKIP_MODULES)
+    if bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip)
+    if bits != 4:
+        raise ConfigurationError(f"bitsandbytes quantises to 8 or 4 bits, not {bits!r}")
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=compute_dtype,
+        llm_int8_skip_modules=skip,
+    )
 
 
 @contextmanager

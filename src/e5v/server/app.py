@@ -355,23 +355,18 @@ async def _read_json(request: Request, limit: int, timeout: float) -> dict[str, 
 def _checked(
     body: dict[str, Any], config: ServerConfig, embedder: E5VEmbedder
 ) -> tuple[list[Any], dict[str, str], str]:
-    """The body's requests, prompt bodies and encoding, or the :class:`RequestError` to answer."""
+    """The body's requests, prompt bodies and encoding, or the :class:`RequestError` to answer:
+    the schema parses the body; what it cannot know is checked here (the item limit, a 413
+    before any item is parsed; the served model's name, a 404)."""
     items = body.get("input")
-    if isinstance(items, list) and len(items) > config.max_client_batch_size:  # before parsing them all
+    if isinstance(items, list) and len(items) > config.max_client_batch_size:
         raise RequestError(
             413,
             f"{len(items)} items is over the server's limit of {config.max_client_batch_size} a request; "
             "split the input",
             param="input",
         )
-    if body.get("dimensions") is not None:  # before parsing: the schema allows only null, this says why
-        raise RequestError(
-            400,
-            f"dimensions is not supported: E5-V gives {embedder.dimension}-d vectors and is not trained for "
-            "shorter ones; leave dimensions out",
-            param="dimensions",
-        )
-    request = embedding_request(body)
+    request = embedding_request(body, dimension=embedder.dimension)
     if request.model is not None and request.model != config.model_name:
         raise RequestError(
             404,

@@ -17,7 +17,14 @@ import torch
 from e5v.core.prompts import PromptSet, fill
 from e5v.errors import ModelLoadError
 from e5v.model import runner
-from e5v.model.loading import LoadedModel, merge_adapter, quiet_peft, quiet_transformers, resolve_source
+from e5v.model.loading import (
+    LoadedModel,
+    bitsandbytes_config,
+    merge_adapter,
+    quiet_peft,
+    quiet_transformers,
+    resolve_source,
+)
 from e5v.optional import require
 from e5v.training.config import TrainingConfig
 from e5v.training.errors import TrainingError
@@ -111,15 +118,7 @@ def _four_bit_config(device: torch.device, dtype: torch.dtype) -> Any:
     require("bitsandbytes", "quantization")
     if device.type != "cuda":
         raise TrainingError(f"load_in_4bit (QLoRA) needs a CUDA GPU, not {device}")
-    from transformers import BitsAndBytesConfig
-
-    return BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=dtype,
-        llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"],
-    )
+    return bitsandbytes_config(4, dtype, double_quant=True)
 
 
 class PromptEncoder:

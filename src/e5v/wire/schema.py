@@ -22,7 +22,8 @@ import reprlib
 from typing import Annotated, Any, Literal
 
 import pydantic_core
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from e5v.core.inputs import (
     Interleaved,
@@ -61,6 +62,8 @@ QUOTE_LIMIT = 100
 #: The deepest nesting of arrays and objects a body may have (the JSON parser's bound; a valid body has 5).
 MAX_JSON_DEPTH = 200
 _ITEM_TYPES = ("text", "image_url", "composed")
+#: The error type of a field the schema refuses whatever its value (its message says why).
+_UNSUPPORTED = "unsupported"
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlong = 2, QUOTE_LIMIT, QUOTE_LIMIT, QUOTE_LIMIT
@@ -183,6 +186,20 @@ class EmbeddingRequest(_Strict):
     user: str | None = None
     prompts: Preset | None = Field(default=None, description="a prompt preset of e5v.core.prompts.PRESETS")
 
+    @field_validator("dimensions", mode="before")
+    @classmethod
+    def _no_dimensions(cls, value: object, info: ValidationInfo) -> None:
+        """Any ``dimensions`` but null, refused saying why (the validation context's
+        ``dimension``, if given, is the size the model gives)."""
+        if value is None:
+            return None
+        dimension = (info.context or {}).get("dimension")
+        raise PydanticCustomError(
+            _UNSUPPORTED,
+            "dimensions is not supported: E5-V gives {size} and is not trained for shorter ones; leave dimensions out",
+            {"size": f"{dimension}-d vectors" if dimension else "vectors of one size"},
+        )
+
     def requests(self, *, allow_remote: bool) -> list[Request]:
         """The items as the core's requests, or :class:`InvalidInputError` naming the item
         (a data URI that is not base64, a remote URL this server refuses, ``<image>`` in a text)."""
@@ -208,18 +225,23 @@ def _request(
     return interleaved_request(Interleaved(parts), index)
 
 
-def embedding_request(body: dict[str, Any]) -> EmbeddingRequest:
-    """``body`` as an :class:`EmbeddingRequest`, or the 400 (:func:`refusal`) to answer."""
+def embedding_request(body: dict[str, Any], *, dimension: int | None = None) -> EmbeddingRequest:
+    """``body`` as an :class:`EmbeddingRequest`, or the 400 (:func:`refusal`) to answer;
+    ``dimension`` (the served model's) is named when ``dimensions`` is refused."""
     try:
-        return EmbeddingRequest.model_validate(body)
+        return EmbeddingRequest.model_validate(body, context={"dimension": dimension})
     except ValidationError as exc:
         raise refusal(exc, "the request") from None
 
 
 def refusal(exc: ValidationError, what: str) -> RequestError:
     """The 400 for a body that ``what`` (``"the request"``, ``"the search request"``) refused:
-    every unknown field, else the first error, naming its item (``item 3: ...``) or field."""
+    a field refused whatever its value, else every unknown field, else the first error, naming
+    its item (``item 3: ...``) or field."""
     errors = exc.errors(include_url=False)
+    for error in errors:
+        if error["type"] == _UNSUPPORTED:
+            return RequestError(400, error["msg"], param=str(error["loc"][0]))
     unknown = [
         str(error["loc"][0]) for error in errors if error["type"] == "extra_forbidden" and len(error["loc"]) == 1
     ]

@@ -22,9 +22,10 @@ from PIL import Image
 from e5v import E5VEmbedder
 from e5v.cli import main
 from e5v.core.inputs import ImageLoader
+from e5v.errors import DatasetUnavailableError
 from e5v.evaluation import composed, image_text, sts
 from e5v.evaluation.benchmarks import load_task_data, run_task
-from e5v.evaluation.data import DatasetUnavailableError, DataSource
+from e5v.evaluation.data import DataSource
 from e5v.evaluation.encoder import Encoder
 from e5v.evaluation.paper import PAPER
 from e5v.evaluation.render import RenderedCaptions, load_font, render_text

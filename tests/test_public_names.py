@@ -38,3 +38,25 @@ def test_a_documented_import_works_without_warnings(statement: str) -> None:
         check=False,
     )
     assert done.returncode == 0, f"{statement}: {done.stderr[-2000:]}"
+
+
+def test_every_import_in_the_project_finds_its_name() -> None:
+    """Each ``from <e5v package> import name`` in the sources, integrations, tests and
+    examples (inside functions too, which only run on some paths) names something that is there."""
+    import ast
+    import importlib
+
+    missing = []
+    for folder in ("src", "integrations", "tests", "examples"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.ImportFrom) or node.level or not re.match(PACKAGES, node.module or ""):
+                    continue
+                module = importlib.import_module(node.module)
+                for alias in node.names:
+                    package = hasattr(module, "__path__")
+                    if not hasattr(module, alias.name) and not (
+                        package and importlib.util.find_spec(f"{node.module}.{alias.name}")
+                    ):
+                        missing.append(f"{path.relative_to(ROOT)}:{node.lineno}: {node.module} has no {alias.name}")
+    assert not missing, "\n".join(missing)

@@ -13,8 +13,8 @@ from PIL import Image
 
 from e5v import Composed
 from e5v.core.inputs import image_request, text_request
-from e5v.errors import InvalidInputError
-from e5v.server.scheduler import QueueFullError, RoundStats, Scheduler
+from e5v.errors import InvalidInputError, QueueFullError
+from e5v.server.scheduler import RoundStats, Scheduler
 
 
 def texts(*values: str) -> list:
@@ -123,7 +123,7 @@ def test_a_large_job_is_spread_over_rounds_and_a_one_item_job_waits_one_round(em
 
 
 def test_a_job_over_the_pixel_budget_is_refused(embedder) -> None:
-    from e5v.server.scheduler import RequestTooLargeError
+    from e5v.errors import RequestTooLargeError
 
     image = Image.new("1", (3000, 2000))  # 6 M pixels, a few hundred bytes as PNG
     buffer = io.BytesIO()

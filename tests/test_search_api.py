@@ -290,7 +290,8 @@ def test_a_pdf_pages_thumbnail_is_its_rendering(tmp_path: Path, tiny_path: Path)
     """A page's image and interleaved records get the page drawn, made once; its text record none."""
     pytest.importorskip("pypdfium2")
     from e5v.collection.repository import Store
-    from e5v.server.thumbnails import ThumbnailError, Thumbnails
+    from e5v.errors import ThumbnailError
+    from e5v.server.thumbnails import Thumbnails
 
     (tmp_path / "docs").mkdir()
     shutil.copy(EXAMPLES / "hubble-deep-field.pdf", tmp_path / "docs")

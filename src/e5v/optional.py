@@ -30,14 +30,14 @@ FEATURES: dict[str, Feature] = {
     "bench": Feature("the benchmark's photos (e5v bench)", 'pip install "e5v[bench]"'),
     "chroma": Feature(
         "indexing and search (e5v index, e5v search, e5v.collection.repository)",
-        "pip install ./integrations/chroma (from the root of the e5v repository; it brings chromadb)",
+        'pip install "e5v[chroma]"',
     ),
     "serve": Feature("the embedding server (e5v serve, e5v.server)", 'pip install "e5v[serve]"'),
     "pdf": Feature("reading PDFs (e5v index, e5v.pdf)", 'pip install "e5v[pdf]"'),
     "eval": Feature(
         "the benchmarks' datasets and the MTEB model object (e5v eval, e5v.evaluation)", 'pip install "e5v[eval]"'
     ),
-    "quantization": Feature("quantization='8bit' or '4bit' and --qlora", "pip install bitsandbytes"),
+    "quantization": Feature("quantization='8bit' or '4bit', and `load_in_4bit=True`", "pip install bitsandbytes"),
 }
 
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 from e5v.core.batching import check_batch_size
 from e5v.core.embedder import DEFAULT_MODEL
 from e5v.core.inputs import Interleaved, describe
-from e5v.errors import InvalidInputError
+from e5v.errors import ConfigurationError, InvalidInputError
 
 if TYPE_CHECKING:
     import ray.data
@@ -89,11 +89,13 @@ def embed_dataset(
     ``error_column`` (a string column, null for good rows) says why.
     """
     if text_column is None and image_column is None:
-        raise ValueError("embed_dataset needs text_column, image_column, or both (a composed or interleaved item)")
+        raise ConfigurationError(
+            "embed_dataset needs text_column, image_column, or both (a composed or interleaved item)"
+        )
     if mode not in ("composed", "interleaved"):
-        raise ValueError(f"mode must be 'composed' or 'interleaved', got {mode!r}")
+        raise ConfigurationError(f"mode must be 'composed' or 'interleaved', got {mode!r}")
     if on_error not in ("fail", "skip"):
-        raise ValueError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
+        raise ConfigurationError(f"on_error must be 'fail' or 'skip', got {on_error!r}")
     check_batch_size(batch_size)
     import ray.data
 
@@ -161,7 +163,7 @@ class _EmbedBatch:
         added = [self.output_column] + ([self.error_column] if self.on_error == "skip" else [])
         for name in added:
             if name in table.column_names:
-                raise ValueError(f"the dataset already has a column {name!r}; choose another name for it")
+                raise ConfigurationError(f"the dataset already has a column {name!r}; choose another name for it")
         if self.id_column is not None:
             _require(table, self.id_column)
         texts = self._column(table, self.text_column, _text_cells)
@@ -217,7 +219,7 @@ class _EmbedBatch:
 
 def _require(table: pa.Table, name: str) -> pa.ChunkedArray:
     if name not in table.column_names:
-        raise ValueError(f"the dataset has no column {name!r}; its columns are {table.column_names}")
+        raise ConfigurationError(f"the dataset has no column {name!r}; its columns are {table.column_names}")
     return table.column(name)
 
 

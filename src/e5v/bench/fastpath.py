@@ -643,12 +643,12 @@ def _load(
         return model
     if random_init is None:
         if model is None:
-            raise ValueError("give a model (hub id or path) or random_init")
+            raise ConfigurationError("give a model (hub id or path) or random_init")
         return loading.load(model, device=device, dtype=dtype)
     from e5v.testing import PRESETS, build_random_model
 
     if random_init not in PRESETS:
-        raise ValueError(f"unknown random_init {random_init!r}; use one of {sorted(PRESETS)}")
+        raise ConfigurationError(f"unknown random_init {random_init!r}; use one of {sorted(PRESETS)}")
     target = loading.resolve_device(device)
     if random_init == "e5v-8b" and target.type == "cpu":
         raise ConfigurationError(

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from e5v import __version__
-from e5v.cli.common import configure_output
+from e5v.cli.common import as_flags, configure_output
 
 __all__ = ["main"]
 
@@ -77,8 +77,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def exit_status(exc: BaseException) -> int:
     """2 when the command could not run as asked, 1 when it ran and failed."""
-    from e5v.collection.repository import StoreError
-    from e5v.errors import ConfigurationError, InvalidInputError, MissingDependencyError, ModelLoadError
+    from e5v.errors import ConfigurationError, InvalidInputError, MissingDependencyError, ModelLoadError, StoreError
 
     usage = (ConfigurationError, InvalidInputError, MissingDependencyError, ModelLoadError, StoreError)
     return 2 if isinstance(exc, usage) else 1
@@ -95,5 +94,5 @@ def _failed(command: str, exc: Exception, verbose: int) -> int:
         message = f"unexpected {type(exc).__name__}: {exc} (a bug in e5v; rerun with -vv for the traceback)"
         if verbose >= 2:
             logger.exception("traceback")
-    sys.stderr.write(f"{command}: error: {message}\n")
+    sys.stderr.write(f"{command}: error: {as_flags(message)}\n")
     return exit_status(exc)

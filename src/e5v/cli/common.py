@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
@@ -43,7 +44,7 @@ def configure_output(verbose: int, quiet: bool) -> None:
     if not any(handler.get_name() == _HANDLER_NAME for handler in root.handlers):
         handler = _StderrHandler()
         handler.set_name(_HANDLER_NAME)
-        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+        handler.setFormatter(_FlagsFormatter("%(levelname)s %(name)s: %(message)s"))
         root.addHandler(handler)
     root.setLevel((logging.WARNING, logging.INFO, logging.DEBUG)[min(verbose, 2)])
     for name in LIBRARY_LOGGERS:
@@ -55,6 +56,37 @@ def configure_output(verbose: int, quiet: bool) -> None:
         from huggingface_hub.utils import disable_progress_bars
 
         disable_progress_bars()
+
+
+#: Library parameters whose flag is not their name with dashes.
+PARAMETER_FLAGS = {
+    "url": "--chroma-url",
+    "name": "--collection",
+    "columns": "--column",
+    "model_name_or_path": "--model",
+    "load_in_4bit": "--qlora",
+}
+#: A parameter as library messages name it: `name`, or `name=VALUE`.
+_PARAMETER = re.compile(r"(?<!`)`([a-z][a-z0-9_]*)(?:=([^`\s]+))?`(?!`)")
+
+
+def as_flags(message: str) -> str:
+    """A library message as the command line says it: each parameter it names (`name`,
+    `name=VALUE`) becomes its flag (``--name``, ``--name VALUE``; ``=True``: the flag alone)."""
+
+    def flag(match: re.Match[str]) -> str:
+        name, value = match.groups()
+        option = PARAMETER_FLAGS.get(name, "--" + name.replace("_", "-"))
+        return option if value in (None, "True") else f"{option} {value}"
+
+    return _PARAMETER.sub(flag, message)
+
+
+class _FlagsFormatter(logging.Formatter):
+    """Log records with the parameters they name said as flags (:func:`as_flags`)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return as_flags(super().format(record))
 
 
 class _StderrHandler(logging.StreamHandler):  # type: ignore[type-arg]

@@ -51,7 +51,7 @@ def kind_of(value: str, kind: str) -> str:
     """``image`` or ``text`` for one INPUT, by the rule of the epilog."""
     if kind != "auto":
         return kind
-    from e5v.collection.records import IMAGE_SUFFIXES
+    from e5v.collection.files import IMAGE_SUFFIXES
 
     path = Path(value)
     try:
@@ -63,7 +63,7 @@ def kind_of(value: str, kind: str) -> str:
 
 def text_warning(value: str) -> str | None:
     """Why an INPUT embedded as text may have been meant as a file, or ``None``."""
-    from e5v.collection.records import IMAGE_SUFFIXES, TEXT_SUFFIXES
+    from e5v.collection.files import IMAGE_SUFFIXES, TEXT_SUFFIXES
 
     if "\n" in value or len(value) > 1024:
         return None

@@ -9,6 +9,7 @@ from e5v.cli.common import (
     add_collection_options,
     add_model_options,
     add_server_option,
+    as_flags,
     connect_from_args,
     positive,
     remote_from_args,
@@ -99,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
 
     def report(skipped: SkippedPath) -> None:
         # above the progress bars
-        tqdm.write(f"failed: {printable_path(skipped.path)}: {skipped.reason}", file=sys.stderr)
+        tqdm.write(f"failed: {printable_path(skipped.path)}: {as_flags(skipped.reason)}", file=sys.stderr)
 
     store = Store(args.db, args.collection, create=True, url=args.chroma_url)
     requested = remote_from_args(args).model_name if args.server else args.model

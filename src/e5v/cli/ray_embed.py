@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from e5v.cli.common import add_model_options
+from e5v.cli.common import add_model_options, as_flags
 
 __all__ = ["register"]
 
@@ -127,7 +127,7 @@ def run(args: argparse.Namespace) -> int:
         )
         embedded.write_parquet(args.output)
     except Exception as exc:  # Ray wraps worker errors; show the e5v one when there is one
-        sys.stderr.write(f"e5v embed-dataset: error: {_reason(exc)}\n")
+        sys.stderr.write(f"e5v embed-dataset: error: {as_flags(_reason(exc))}\n")
         return 1
     finally:
         ray.shutdown()

@@ -13,6 +13,7 @@ from e5v.cli.common import (
     add_collection_options,
     add_model_options,
     add_server_option,
+    as_flags,
     connect_from_args,
     positive,
     remote_from_args,
@@ -69,9 +70,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from e5v.collection.repository import Store, StoreError
-    from e5v.core.inputs import ImageLoader
-    from e5v.errors import InvalidInputError
+    from e5v.collection.repository import Store
+    from e5v.core.inputs import ImageLoader, query_item
+    from e5v.errors import InvalidInputError, StoreError
 
     if args.text is None and args.image is None:
         sys.stderr.write("e5v search: error: give a query TEXT, an --image, or both\n")
@@ -88,15 +89,10 @@ def run(args: argparse.Namespace) -> int:
         if args.server:
             remote_from_args(args)  # refuses model options before anything is read
         embedder = connect_from_args(store, args)
-        if args.image is None:
-            query = embedder.embed_texts([args.text])
-        elif args.text is None:
-            query = embedder.embed_images([args.image])
-        else:
-            query = embedder.embed_composed([args.image], [args.text])
-        hits = store.query(query[0], k=args.k, kind=args.kind)
+        [vector] = embedder.embed([query_item(args.text, None if args.image is None else Path(args.image))])
+        hits = store.query(vector, k=args.k, kind=args.kind)
     except InvalidInputError as exc:
-        sys.stderr.write(f"e5v search: error: {str(exc).removeprefix('item 0: ')}\n")
+        sys.stderr.write(f"e5v search: error: {as_flags(exc.reason)}\n")
         return 2
     if args.json:
         sys.stdout.write(json.dumps([hit.to_dict() for hit in hits], ensure_ascii=False, indent=2) + "\n")

@@ -276,8 +276,9 @@ def _collection(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Stor
     """The store of ``--db``, its model's name, and how to load that model with the
     collection's revision, dtype and prompts (as ``e5v search`` does). Raises
     :class:`~e5v.collection.repository.StoreError` for a missing or empty collection, or another ``--model``."""
-    from e5v.collection.repository import Store, StoreError
+    from e5v.collection.repository import Store
     from e5v.core.embedder import E5VEmbedder
+    from e5v.errors import StoreError
 
     store = Store(args.db, args.collection)
     if store.count() == 0:

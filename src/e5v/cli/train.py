@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from e5v.cli.common import dtype_option, positive, show_progress
+from e5v.cli.common import as_flags, dtype_option, positive, show_progress
 from e5v.defaults import DEFAULT_MODEL
 
 __all__ = ["register"]
@@ -141,7 +141,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     except ValueError as exc:
-        sys.stderr.write(f"e5v train: error: {exc}\n")
+        sys.stderr.write(f"e5v train: error: {as_flags(str(exc))}\n")
         return 2
     result = train(config, show_progress_bar=show_progress(args.quiet))
     lines = [f"trained {result.steps} steps" + (f"; last loss {result.losses[-1]:.4f}" if result.losses else "")]

@@ -20,9 +20,10 @@ import torch
 
 from e5v.core.batching import check_batch_size
 from e5v.core.prompts import PRESETS, PromptSet, get_prompts
+from e5v.errors import ConfigurationError
 from e5v.model.loading import resolve_dtype
 
-__all__ = ["CONFIG_KEYS", "FUNCTION_NAME", "Binding", "dtype_name", "model_key", "prompts_config"]
+__all__ = ["CONFIG_KEYS", "FUNCTION_NAME", "VECTOR_KEYS", "Binding", "dtype_name", "model_key", "prompts_config"]
 
 #: The name the binding is persisted under, as Chroma's embedding function.
 FUNCTION_NAME = "e5v"
@@ -30,7 +31,7 @@ FUNCTION_NAME = "e5v"
 #: prompts, base_url and api_key_env_var with an e5v server.
 CONFIG_KEYS = ("model_name", "revision", "dtype", "batch_size", "prompts", "base_url", "api_key_env_var")
 #: What must match for two bindings' vectors to compare.
-_VECTOR_KEYS = ("model_name", "revision", "prompts")
+VECTOR_KEYS = ("model_name", "revision", "prompts")
 
 
 def model_key(name: str | Path) -> str:
@@ -40,7 +41,7 @@ def model_key(name: str | Path) -> str:
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:
-    """Canonical name of a dtype ("bf16" -> "bfloat16"); raises ``ValueError`` if unknown."""
+    """Canonical name of a dtype ("bf16" -> "bfloat16"); raises ``ConfigurationError`` if unknown."""
     return str(resolve_dtype(dtype, torch.device("cpu"))).removeprefix("torch.")
 
 
@@ -72,7 +73,7 @@ class Binding:
     def compares_with(self, other: Binding) -> bool:
         """Whether vectors of ``other`` compare with this binding's: the same model, revision and prompts."""
         mine, theirs = self.to_config(), other.to_config()
-        return all(mine.get(key) == theirs.get(key) for key in _VECTOR_KEYS)
+        return all(mine.get(key) == theirs.get(key) for key in VECTOR_KEYS)
 
     def to_config(self) -> dict[str, Any]:
         """The persisted config (see the module doc)."""
@@ -97,31 +98,34 @@ class Binding:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Binding:
-        """The binding a persisted config holds; ``ValueError`` (as Chroma expects) naming what is wrong."""
+        """The binding a persisted config holds; a :class:`~e5v.errors.ConfigurationError`
+        (a ``ValueError``, as Chroma expects) naming what is wrong."""
         unknown = sorted(set(config) - set(CONFIG_KEYS))
         if unknown:
-            raise ValueError(f"unknown e5v config keys {unknown}; expected some of {list(CONFIG_KEYS)}")
+            raise ConfigurationError(f"unknown e5v config keys {unknown}; expected some of {list(CONFIG_KEYS)}")
         if not isinstance(config.get("model_name"), str) or not config["model_name"]:
-            raise ValueError(f"e5v config needs model_name, a hub id or a local directory; got {dict(config)!r}")
+            raise ConfigurationError(
+                f"e5v config needs model_name, a hub id or a local directory; got {dict(config)!r}"
+            )
         for key in ("revision", "dtype", "base_url", "api_key_env_var"):
             if config.get(key) is not None and not isinstance(config[key], str):
-                raise ValueError(f"e5v config {key} must be a string or null, got {config[key]!r}")
+                raise ConfigurationError(f"e5v config {key} must be a string or null, got {config[key]!r}")
         if config.get("base_url") is not None:
             given = [key for key in ("revision", "dtype") if config.get(key) is not None]
             if isinstance(config.get("prompts"), dict):
                 given.append("custom prompts (the server takes a preset name)")
             if given:
-                raise ValueError(
+                raise ConfigurationError(
                     f"e5v config with base_url (an e5v server) cannot hold {', '.join(given)}: "
                     "the server's model embeds; drop them"
                 )
         elif config.get("api_key_env_var") is not None:
-            raise ValueError("e5v config api_key_env_var names the key of an e5v server: it needs base_url")
+            raise ConfigurationError("e5v config api_key_env_var names the key of an e5v server: it needs base_url")
         batch_size = config.get("batch_size", "auto")
         try:
             check_batch_size(batch_size)
         except ValueError as exc:
-            raise ValueError(f"e5v config {exc}") from None
+            raise ConfigurationError(f"e5v config {exc}") from None
         prompts = config.get("prompts")
         if isinstance(prompts, str):
             get_prompts(prompts)
@@ -129,9 +133,9 @@ class Binding:
             try:
                 prompts = PromptSet(**prompts)
             except TypeError as exc:
-                raise ValueError(f"e5v config prompts is not a prompt set: {exc}") from None
+                raise ConfigurationError(f"e5v config prompts is not a prompt set: {exc}") from None
         elif prompts is not None:
-            raise ValueError(f"e5v config prompts must be a preset name or a prompt set, got {prompts!r}")
+            raise ConfigurationError(f"e5v config prompts must be a preset name or a prompt set, got {prompts!r}")
         return cls(
             model=config["model_name"],
             revision=config.get("revision"),

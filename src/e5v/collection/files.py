@@ -130,7 +130,7 @@ def _regular_file(path: Path, roots: list[Path] | None) -> tuple[Path, Path] | S
                 return SkippedPath(
                     name,
                     f"a link to {printable_path(real)!r}, outside the folders being indexed: not followed "
-                    "(pass --follow-links to index it, or index that file by name)",
+                    "(pass `follow_links=True` to index it, or index that file by name)",
                 )
             info = real.stat()
     except OSError as exc:

@@ -13,6 +13,8 @@ import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from e5v.errors import ConfigurationError
+
 __all__ = ["DEFAULT_MAX_CHARS", "Passage", "split_passages"]
 
 #: Default passage size in characters (about 200 tokens of English).
@@ -37,7 +39,7 @@ class Passage:
 def split_passages(text: str, max_chars: int = DEFAULT_MAX_CHARS) -> list[Passage]:
     """Cut ``text`` into passages of at most ``max_chars`` characters (see the module doc)."""
     if max_chars < 1:
-        raise ValueError(f"max_chars must be at least 1, got {max_chars}")
+        raise ConfigurationError(f"max_chars must be at least 1, got {max_chars}")
     pieces: list[tuple[int, int]] = []
     for start, end in _spans(text, 0, len(text), _PARAGRAPH_BREAK):
         pieces.extend(_fit(text, start, end, max_chars))

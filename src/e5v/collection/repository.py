@@ -31,14 +31,14 @@ from e5v.collection.binding import FUNCTION_NAME, Binding, dtype_name, model_key
 from e5v.collection.records import BOOKKEEPING, FileRecords, Record, Stored, Unchanged
 from e5v.core.embedder import E5VEmbedder
 from e5v.defaults import DEFAULT_MODEL
-from e5v.errors import E5VError
+from e5v.errors import E5VError, StoreError
 from e5v.files import printable_path
 from e5v.optional import require
 
 if TYPE_CHECKING:
     from chromadb.api.models.Collection import Collection
 
-__all__ = ["Hit", "Store", "StoreError", "StoredRecord"]
+__all__ = ["Hit", "Store", "StoredRecord"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,11 +50,6 @@ COLLECTION_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]")
 LOCK_NAME = ".e5v.lock"
 #: Metadata fields a hit carries as its own fields; the other public ones are its ``metadata``.
 HIT_FIELDS = frozenset({"kind", "path", "passage", "start", "end"})
-
-
-class StoreError(E5VError):
-    """The collection cannot be used as asked (missing, not made by e5v, of another model),
-    or the database failed."""
 
 
 @dataclass(frozen=True)
@@ -177,7 +172,7 @@ def _chromadb() -> Any:
 def _http_client(chromadb: Any, url: str) -> Any:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise StoreError(f"--chroma-url must look like http://host:port, got {url!r}")
+        raise StoreError(f"`url` must look like http://host:port, got {url!r}")
     try:
         return chromadb.HttpClient(
             host=parts.hostname,
@@ -203,7 +198,7 @@ class Store:
     def __init__(self, db: str | Path, name: str = "e5v", *, create: bool = False, url: str | None = None) -> None:
         if not COLLECTION_NAME.fullmatch(name):
             raise StoreError(
-                f"--collection {shlex.quote(name)} is not a name Chroma accepts: 3 to 512 letters, digits, '.', '_' "
+                f"`name` {shlex.quote(name)} is not a name Chroma accepts: 3 to 512 letters, digits, '.', '_' "
                 "or '-', starting and ending with a letter or digit"
             )
         self._chromadb = _chromadb()
@@ -218,14 +213,15 @@ class Store:
                 hint = f"`e5v index PATH --db {shlex.quote(str(db))}`"
                 raise StoreError(f"no database at {str(self.db)!r}; index files first with {hint}")
             if self.db.exists():
-                raise StoreError(f"--db {str(self.db)!r} is a file, not a database folder; pick another --db")
+                raise StoreError(f"`db` {str(self.db)!r} is a file, not a database folder; pick another `db`")
             return  # connect() creates the folder once the model has loaded
         with self._locked("opening the database"):
             self._load()
         if self.collection is None and not create:
             raise StoreError(
                 f"no collection {name!r} in {self._where!r}; index files first with "
-                f"`e5v index PATH --db {shlex.quote(str(url or db))} --collection {shlex.quote(name)}`"
+                f"`e5v index PATH {'--chroma-url' if url else '--db'} {shlex.quote(str(url or db))} "
+                f"--collection {shlex.quote(name)}`"
             )
 
     @property
@@ -276,7 +272,7 @@ class Store:
         if function.get("name") != FUNCTION_NAME:
             raise StoreError(
                 f"collection {self.name!r} in {self._where!r} was not made by e5v (its embedding function is "
-                f"{function.get('name')!r}); pick another --collection"
+                f"{function.get('name')!r}); pick another `name`"
             )
         try:
             self.binding = Binding.from_config(function.get("config") or {})
@@ -294,30 +290,28 @@ class Store:
         """The binding of the model the records were embedded with; ``None`` while there are none."""
         return self.binding if self.binding is not None and self.count() > 0 else None
 
-    def model(self, requested: str | None = None, revision: str | None = None) -> str:
-        """The model to embed with: the one the records were embedded with (``requested``
-        must match it), else ``requested``, the empty collection's, or the default.
+    def model(self, model: str | None = None, revision: str | None = None) -> str:
+        """The model to embed with: the one the records were embedded with (``model``
+        must match it), else ``model``, the empty collection's, or the default.
         Raises :class:`StoreError`."""
         bound = self._bound()
         if bound is None:
             stored = None if self.binding is None else self.binding.model
-            return model_key(requested or stored or DEFAULT_MODEL)
+            return model_key(model or stored or DEFAULT_MODEL)
         stored, stored_revision = bound.model, bound.revision
-        if (requested is not None and model_key(requested) != stored) or (
-            revision is not None and revision != stored_revision
-        ):
-            asked = f"{requested or stored!r}" + (f" at revision {revision!r}" if revision else "")
+        if (model is not None and model_key(model) != stored) or (revision is not None and revision != stored_revision):
+            asked = f"{model or stored!r}" + (f" at revision {revision!r}" if revision else "")
             built = f"{stored!r}" + (f" at revision {stored_revision!r}" if stored_revision else "")
             raise StoreError(
                 f"collection {self.name!r} in {self._where!r} holds vectors of {built}, not {asked}: vectors "
-                f"of different models do not compare. Leave out --model to use {stored!r}, or pick a new "
-                "--collection (or --db) for the other model"
+                f"of different models do not compare. Leave out `model` to use {stored!r}, or pick a new "
+                "`name` (or `db`) for the other model"
             )
         return stored
 
     def connect(
         self,
-        requested: str | None = None,
+        model: str | None = None,
         *,
         revision: str | None = None,
         device: str | None = None,
@@ -330,9 +324,9 @@ class Store:
         collection if needed, or rebind an empty collection to this model."""
         remote = None if server is None else RemoteEmbedder(server)
         if remote is not None:
-            requested = remote.model_name  # the server's model, checked like --model
-        name = self.model(requested, revision)
-        if self._bound() is None and self.binding is not None and requested is not None:
+            model = remote.model_name  # the server's model, checked like any other
+        name = self.model(model, revision)
+        if self._bound() is None and self.binding is not None and model is not None:
             self.binding = None  # an empty collection: the options asked for, not its old ones
         binding, embedder = self._embedder(name, remote, revision, device, dtype, batch_size)
         seen = None if self.collection is None else self.collection.id
@@ -343,7 +337,7 @@ class Store:
                     theirs = None if self.binding is None else self.binding.model
                     raise StoreError(
                         f"another e5v run created collection {self.name!r} in {self._where!r} for "
-                        f"{theirs!r} meanwhile; pick another --collection"
+                        f"{theirs!r} meanwhile; pick another `name`"
                     )
             elif self.collection is not None and self._bound() is None and self.binding != binding:
                 logger.info("rebinding the empty collection %r in %s to %s", self.name, self._where, name)

@@ -168,8 +168,7 @@ class E5VEmbedder:
         _check_token_budget(max_batch_tokens)
         if not isinstance(workers, int) or workers < 1:
             raise ConfigurationError(f"workers must be a number at least 1, got {workers!r}")
-        if max_image_tiles is not None and max_image_tiles < 0:
-            raise ConfigurationError(f"max_image_tiles must be None or at least 0, got {max_image_tiles}")
+        runner.check_max_image_tiles(max_image_tiles)
         self.max_image_tiles = max_image_tiles
         self.prompts = get_prompts(prompts)
         self.max_text_tokens = max_text_tokens

@@ -37,6 +37,7 @@ __all__ = [
     "describe",
     "image_request",
     "interleaved_request",
+    "query_item",
     "text_request",
     "to_request",
 ]
@@ -437,6 +438,17 @@ def interleaved_request(item: Interleaved, index: int) -> Request:
             images.append(_image_part(part, index))
             pieces.append(IMAGE_TOKEN)
     return Request("interleaved", index, "\n".join(pieces), tuple(images))
+
+
+def query_item(text: str | None, image: object | None) -> Any:
+    """A search query as one item of ``embed``: the text, the image, or both as
+    :class:`Composed` (the image edited as the text says). Raises
+    :class:`~e5v.errors.InvalidInputError` when both are ``None``."""
+    if image is None:
+        if text is None:
+            raise InvalidInputError("the query is empty: give a text, an image, or both")
+        return text
+    return image if text is None else Composed(image, text)
 
 
 def to_request(item: object, index: int) -> Request:

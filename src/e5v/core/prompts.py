@@ -65,7 +65,7 @@ class PromptSet:
 
     def __post_init__(self) -> None:
         if self.chat_template.count(BODY_PLACEHOLDER) != 1:
-            raise ValueError(f"chat_template must contain {BODY_PLACEHOLDER} exactly once")
+            raise ConfigurationError(f"chat_template must contain {BODY_PLACEHOLDER} exactly once")
         check_body(self.text, "text")
         check_body(self.image, "image")
         check_body(self.composed, "composed")
@@ -93,7 +93,7 @@ def check_body(body: str, kind: str) -> None:
     """Raise ``ValueError`` unless ``body`` has the placeholders a ``kind`` prompt needs."""
     sent, image = _NEEDS[kind]
     if body.count(TEXT_PLACEHOLDER) != sent or body.count(IMAGE_TOKEN) != image:
-        raise ValueError(
+        raise ConfigurationError(
             f"a {kind} prompt needs {sent} {TEXT_PLACEHOLDER!r} and {image} {IMAGE_TOKEN!r} placeholder(s); "
             f"got {body!r}"
         )

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from e5v.errors import ConfigurationError, DatasetUnavailableError
 from e5v.evaluation.composed import (
     CIRR_DATASETS,
     CIRR_SUBMISSION_HEADER,
@@ -17,7 +18,7 @@ from e5v.evaluation.composed import (
     run_cirr,
     run_fashioniq,
 )
-from e5v.evaluation.data import DatasetUnavailableError, DataSource
+from e5v.evaluation.data import DataSource
 from e5v.evaluation.encoder import Encoder
 from e5v.evaluation.image_text import DATASETS as IMAGE_TEXT_DATASETS
 from e5v.evaluation.image_text import run_image_text
@@ -41,7 +42,7 @@ def load_tasks(tasks: Sequence[str], source: DataSource, *, limit: int | None = 
     paper's numbers."""
     unknown = [task for task in tasks if task not in TASKS]
     if unknown:
-        raise ValueError(f"unknown task {unknown[0]!r}; choose one of {TASKS}")
+        raise ConfigurationError(f"unknown task {unknown[0]!r}; choose one of {TASKS}")
     missing: dict[str, DatasetUnavailableError] = {}  # by dataset name (or SENTEVAL), the first error of each
 
     def get(name: str, split: str) -> Any:
@@ -113,7 +114,7 @@ def run_task(
         return run_fashioniq(encoder, data["queries"], data["gallery"], limit=data["limit"])
     if task == "sts":
         return run_sts(encoder, data["root"], limit=data["limit"])
-    raise ValueError(f"unknown task {task!r}; choose one of {TASKS}")
+    raise ConfigurationError(f"unknown task {task!r}; choose one of {TASKS}")
 
 
 def _first(dataset: Any, limit: int | None) -> Any:

@@ -21,20 +21,15 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
-from e5v.errors import ConfigurationError
+from e5v.errors import ConfigurationError, DatasetUnavailableError
 from e5v.optional import require
 
-__all__ = ["DataSource", "DatasetUnavailableError", "SENTEVAL_ARCHIVE", "default_cache_dir"]
+__all__ = ["DataSource", "SENTEVAL_ARCHIVE", "default_cache_dir"]
 
 logger = logging.getLogger(__name__)
 
 #: Where the official STS evaluation's files come from: (Hub dataset, file).
 SENTEVAL_ARCHIVE = ("princeton-nlp/datasets-for-simcse", "senteval.tar")
-
-
-class DatasetUnavailableError(ConfigurationError):
-    """A benchmark's data is neither in ``--data-dir`` nor reachable on the Hub; the message
-    names what to download and where to put it."""
 
 
 def default_cache_dir() -> Path:
@@ -50,7 +45,7 @@ class DataSource:
         self.data_dir = None if data_dir is None else Path(data_dir).expanduser()
         self.progress = progress
         if self.data_dir is not None and not self.data_dir.is_dir():
-            raise ConfigurationError(f"--data-dir {str(self.data_dir)!r} is not a folder")
+            raise ConfigurationError(f"`data_dir` {str(self.data_dir)!r} is not a folder")
 
     def dataset(self, name: str, split: str) -> Any:
         """The ``split`` of the Hub dataset ``name`` as a ``datasets.Dataset``."""
@@ -97,11 +92,11 @@ class DataSource:
                 if found is not None:
                     return found
                 problem = f"{filename} holds no STS/STS12-en-test folder"
-        where = f"--data-dir {str(self.data_dir)!r}" if self.data_dir else "no --data-dir was given"
+        where = f"`data_dir` {str(self.data_dir)!r}" if self.data_dir else "no `data_dir` was given"
         raise DatasetUnavailableError(
             f"the STS tasks need SentEval's files (STS/STS12-en-test ... and SICK/), which are not found ({where}) "
             f"and cannot be downloaded ({problem}). Where the Hub is reachable, run `hf download {repo} {filename} "
-            f"--repo-type dataset --local-dir DIR` and `tar -xf DIR/{filename} -C DIR`, then pass --data-dir DIR"
+            f"--repo-type dataset --local-dir DIR` and `tar -xf DIR/{filename} -C DIR`, then pass `data_dir=DIR`"
         )
 
     def _local_folder(self, name: str) -> Path | None:
@@ -114,11 +109,11 @@ class DataSource:
 
     def _missing(self, name: str, split: str, reason: str) -> str:
         root = str(self.data_dir) if self.data_dir is not None else "DATA_DIR"
-        where = f"not in --data-dir {root!r}" if self.data_dir is not None else "no --data-dir was given"
+        where = f"not in `data_dir` {root!r}" if self.data_dir is not None else "no `data_dir` was given"
         return (
             f"dataset {name} (split {split!r}) is not available: {where}, and loading it from the Hub failed "
             f"({reason}). Where the Hub is reachable, run `hf download {name} --repo-type dataset --local-dir "
-            f"{root}/{name}` and pass --data-dir {root}"
+            f"{root}/{name}` and pass `data_dir={root}`"
         )
 
 

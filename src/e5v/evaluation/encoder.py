@@ -109,6 +109,9 @@ class Encoder:
         keys: dict[int, str] = {}
         todo = []
         for i, (image, a, b) in enumerate(zip(images, first, second)):
+            if embedder.cache is None:
+                todo.append(i)
+                continue
             key, vector = embedder.cache_lookup(_pair_prompt(embedder, body, a, b), [image])
             if vector is None:
                 if key is not None:

@@ -28,7 +28,7 @@ def load_font(path: str | Path | None = None, size: int = FONT_SIZE) -> Any:
     try:
         return ImageFont.truetype(str(path), size)
     except OSError as exc:
-        raise ConfigurationError(f"--font {str(path)!r} is not a readable TrueType font: {exc}") from None
+        raise ConfigurationError(f"`font` {str(path)!r} is not a readable TrueType font: {exc}") from None
 
 
 def render_text(text: str, font: Any) -> Image.Image:

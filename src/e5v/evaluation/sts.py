@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from e5v.core.prompts import STS_TEXT_PROMPT, TEXT_PLACEHOLDER, fill
-from e5v.errors import InvalidInputError
+from e5v.errors import ConfigurationError, InvalidInputError
 from e5v.evaluation.encoder import Encoder
 from e5v.evaluation.metrics import spearman
 from e5v.evaluation.results import TaskResult
@@ -104,7 +104,7 @@ def read_sts(root: Path, task: str) -> list[Pairs]:
         return [_columns(root / "STS" / "STSBenchmark" / "sts-test.csv", 5, 6, 4, skip_header=False)]
     if task == "SICKRelatedness":
         return [_columns(root / "SICK" / "SICK_test_annotated.txt", 1, 2, 3, skip_header=True)]
-    raise ValueError(f"unknown STS task {task!r}; choose one of {STS_TASKS}")
+    raise ConfigurationError(f"unknown STS task {task!r}; choose one of {STS_TASKS}")
 
 
 def _embed(encoder: Encoder, sentences: list[str], desc: str) -> np.ndarray:

@@ -186,10 +186,10 @@ def resolve_source(
 
 
 _OFFLINE_HELP = (
-    "Pass the folder of a downloaded checkpoint instead (--model DIR on the command line), or download the "
+    "Pass the folder of a downloaded checkpoint instead (`model_name_or_path=DIR`), or download the "
     "model where the Hub is reachable (hf download royokong/e5-v) and set HF_HUB_OFFLINE=1. To try e5v "
     'offline with random weights: python -c "from e5v.testing import build_tiny_checkpoint as b; '
-    "b('tiny-e5v')\" and --model tiny-e5v"
+    "b('tiny-e5v')\" and `model_name_or_path=tiny-e5v`"
 )
 
 

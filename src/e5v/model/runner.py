@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 from PIL import Image
 
+from e5v.errors import ConfigurationError, EmbeddingError
 from e5v.model.loading import LoadedModel
 from e5v.model.vocabulary import IMAGE_TOKEN
 
@@ -34,6 +35,7 @@ __all__ = [
     "Encoded",
     "Grid",
     "Pixels",
+    "check_max_image_tiles",
     "encode",
     "forward",
     "image_grid",
@@ -82,11 +84,16 @@ def image_grid(loaded: LoadedModel, max_image_tiles: int | None = None) -> Grid:
     config = loaded.model.config
     size = config.vision_config.image_size
     pinpoints = tuple((int(h), int(w)) for h, w in config.image_grid_pinpoints)
+    check_max_image_tiles(max_image_tiles)
     if max_image_tiles is None:
         return pinpoints
-    if max_image_tiles < 0:
-        raise ValueError(f"max_image_tiles must be None or at least 0, got {max_image_tiles}")
     return tuple((h, w) for h, w in pinpoints if (h // size) * (w // size) <= max_image_tiles)
+
+
+def check_max_image_tiles(value: object) -> None:
+    """Refuse a ``max_image_tiles`` option other than ``None`` or an integer at least 0."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise ConfigurationError(f"max_image_tiles must be None or an integer at least 0, got {value!r}")
 
 
 def image_token_count(loaded: LoadedModel, height: int, width: int, grid: Grid) -> int:
@@ -200,7 +207,7 @@ def _input_embeds(
         return embeds
     features = _image_features(loaded, with_images).to(embeds.dtype)
     if features.shape[0] != int(image_mask.sum()):
-        raise RuntimeError(
+        raise EmbeddingError(
             f"{int(image_mask.sum())} image tokens but {features.shape[0]} image features: "
             "the processor and the model disagree on the anyres layout"
         )

@@ -32,7 +32,14 @@ from starlette.middleware.cors import CORSMiddleware
 
 from e5v.core.embedder import E5VEmbedder
 from e5v.core.prompts import PRESETS
-from e5v.errors import ConfigurationError, E5VError, InvalidInputError
+from e5v.errors import (
+    ConfigurationError,
+    E5VError,
+    InvalidInputError,
+    QueueFullError,
+    RequestError,
+    RequestTooLargeError,
+)
 from e5v.server.errors import LastResort, error_response
 from e5v.server.http import CloseOn408, HostCheck
 from e5v.server.metrics import Metrics
@@ -40,12 +47,10 @@ from e5v.server.openapi import PROMETHEUS, add_docs, build_openapi
 from e5v.server.scheduler import (
     DEFAULT_MAX_REQUEST_PIXELS,
     Embedded,
-    QueueFullError,
-    RequestTooLargeError,
     RoundStats,
     Scheduler,
 )
-from e5v.wire.schema import RequestError, embedding_request, parse_json, quoted
+from e5v.wire.schema import embedding_request, parse_json, quoted
 
 if TYPE_CHECKING:
     from e5v.collection.repository import Store

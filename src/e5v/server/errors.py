@@ -14,7 +14,8 @@ import logging
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from e5v.wire.schema import ErrorBody, ErrorResponse, RequestError, quoted
+from e5v.errors import RequestError
+from e5v.wire.schema import ErrorBody, ErrorResponse, quoted
 
 __all__ = ["LastResort", "error_response"]
 

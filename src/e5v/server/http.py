@@ -45,7 +45,7 @@ class BoundedH11Protocol(H11Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:  # type: ignore[override]
         self._header_timer: asyncio.TimerHandle | None = None
         if len(self.connections) >= self.max_connections:
-            logger.warning("closing a new connection: %d are open, the limit (--max-connections)", self.max_connections)
+            logger.warning("closing a new connection: %d are open, the limit (`max_connections`)", self.max_connections)
             self.transport = transport  # type: ignore[assignment]
             transport.close()
             return
@@ -79,7 +79,7 @@ class BoundedH11Protocol(H11Protocol):
     def _headers_too_slow(self) -> None:
         self._header_timer = None
         if not self.transport.is_closing() and (self.cycle is None or self.cycle.response_complete):
-            logger.debug("closing a connection: no request headers within %g s (--header-timeout)", self.header_timeout)
+            logger.debug("closing a connection: no request headers within %g s (`header_timeout`)", self.header_timeout)
             self.transport.close()
 
 

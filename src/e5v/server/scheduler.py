@@ -46,7 +46,7 @@ import torch
 
 from e5v.core.inputs import Request
 from e5v.defaults import DEFAULT_MAX_REQUEST_PIXELS
-from e5v.errors import E5VError, InvalidInputError
+from e5v.errors import E5VError, InvalidInputError, QueueFullError, RequestTooLargeError
 
 if TYPE_CHECKING:
     from e5v.core.embedder import E5VEmbedder, Prepared
@@ -55,8 +55,6 @@ __all__ = [
     "DEFAULT_MAX_QUEUED_ITEMS",
     "DEFAULT_MAX_REQUEST_PIXELS",
     "Embedded",
-    "QueueFullError",
-    "RequestTooLargeError",
     "RoundStats",
     "Scheduler",
 ]
@@ -69,14 +67,6 @@ DEFAULT_MAX_QUEUED_ITEMS = 4096
 DEFAULT_PREPARE_THREADS = 2
 #: Rounds' worth of tokens prepared ahead of the model, at most.
 PREPARED_ROUNDS_AHEAD = 4
-
-
-class QueueFullError(E5VError):
-    """The queue holds as many items as it may; retry later."""
-
-
-class RequestTooLargeError(E5VError):
-    """A job asks for more than one request may (its images' pixels)."""
 
 
 @dataclass(frozen=True)

@@ -30,13 +30,20 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from e5v.collection.repository import Hit, Store, StoredRecord
 from e5v.core.embedder import E5VEmbedder
 from e5v.core.inputs import Request as Item
-from e5v.core.inputs import check_text, composed_request, decode_data_uri, image_request, text_request
-from e5v.errors import E5VError, InvalidInputError
+from e5v.core.inputs import check_text, decode_data_uri, query_item, to_request
+from e5v.errors import (
+    E5VError,
+    InvalidInputError,
+    QueueFullError,
+    RequestError,
+    RequestTooLargeError,
+    ThumbnailError,
+)
 from e5v.server.metrics import Metrics
 from e5v.server.page import add_page
-from e5v.server.scheduler import QueueFullError, RequestTooLargeError, Scheduler
-from e5v.server.thumbnails import ThumbnailError, Thumbnails, has_thumbnail
-from e5v.wire.schema import RequestError, quoted, refusal
+from e5v.server.scheduler import Scheduler
+from e5v.server.thumbnails import Thumbnails, has_thumbnail
+from e5v.wire.schema import quoted, refusal
 
 __all__ = ["CollectionInfo", "SearchHit", "SearchRequest", "SearchResponse", "add_search"]
 
@@ -217,13 +224,11 @@ def _item(query: SearchRequest) -> Item:
         text = None if query.text is None else check_text(query.text, 0)
     except InvalidInputError as exc:
         raise RequestError(400, f"text: {exc.reason}", param="text") from None
-    if query.image is None:
-        return text_request(text, 0)
     try:
-        image = _image_bytes(query.image)
+        image = None if query.image is None else _image_bytes(query.image)
     except InvalidInputError as exc:
         raise RequestError(400, f"image: {exc.reason}", param="image") from None
-    return image_request(image, 0) if text is None else composed_request(image, text, 0)
+    return to_request(query_item(text, image), 0)
 
 
 def _image_bytes(value: str) -> bytes:

@@ -19,11 +19,11 @@ from e5v.collection.files import sha256_bytes
 from e5v.collection.files import stamp as file_stamp
 from e5v.collection.repository import StoredRecord
 from e5v.core.inputs import DEFAULT_MAX_IMAGE_PIXELS, ImageLoader
-from e5v.errors import E5VError, InvalidInputError, MissingDependencyError
+from e5v.errors import InvalidInputError, MissingDependencyError, ThumbnailError
 from e5v.files import open_regular, printable_path
 from e5v.pdf import open_pdf
 
-__all__ = ["ThumbnailError", "Thumbnails"]
+__all__ = ["Thumbnails"]
 
 logger = logging.getLogger(__name__)
 
@@ -33,10 +33,6 @@ THUMBNAIL_SIZE = 400
 JPEG_QUALITY = 85
 #: Bytes of thumbnails kept in memory.
 CACHE_BYTES = 64 * 1024 * 1024
-
-
-class ThumbnailError(E5VError):
-    """A record has no thumbnail to give: not an image, its file gone, changed or unreadable."""
 
 
 def has_thumbnail(record: StoredRecord) -> bool:

@@ -7,9 +7,9 @@
 
 from __future__ import annotations
 
+from e5v.errors import TrainingDataError, TrainingError
 from e5v.training.config import TrainingConfig
 from e5v.training.data import PairData, load_pairs
-from e5v.training.errors import TrainingDataError, TrainingError
 from e5v.training.evaluate import rank_positives
 from e5v.training.loss import info_nce_loss
 from e5v.training.trainer import Trainer, TrainResult, find_checkpoint, train

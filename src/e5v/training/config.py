@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from e5v.defaults import DEFAULT_MODEL
+from e5v.errors import ConfigurationError
 from e5v.model.loading import resolve_dtype
 
 __all__ = ["TrainingConfig"]
@@ -66,16 +67,18 @@ class TrainingConfig:
             if getattr(self, name) is not None:
                 _check_positive(name, getattr(self, name))
         if self.warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
+            raise ConfigurationError(f"warmup_steps must be 0 or more, got {self.warmup_steps}")
         if self.lr <= 0 or self.temperature <= 0:
-            raise ValueError(f"lr and temperature must be positive, got lr={self.lr}, temperature={self.temperature}")
+            raise ConfigurationError(
+                f"lr and temperature must be positive, got lr={self.lr}, temperature={self.temperature}"
+            )
         if not 0.0 <= self.lora_dropout < 1.0:
-            raise ValueError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+            raise ConfigurationError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.dtype is not None:
             resolve_dtype(self.dtype, torch.device("cpu"))  # a ConfigurationError lists the valid names
         unknown = set(self.columns) - {"anchor", "positive", "negative"}
         if unknown:
-            raise ValueError(f"columns maps unknown roles {sorted(unknown)}; use anchor, positive, negative")
+            raise ConfigurationError(f"columns maps unknown roles {sorted(unknown)}; use anchor, positive, negative")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: paths as strings."""
@@ -91,10 +94,10 @@ class TrainingConfig:
         known = {f.name for f in fields(cls)}
         unknown = set(data) - known
         if unknown:
-            raise ValueError(f"{path}: unknown training options {sorted(unknown)}")
+            raise ConfigurationError(f"{path}: unknown training options {sorted(unknown)}")
         return cls(**data)
 
 
 def _check_positive(name: str, value: int) -> None:
     if value < 1:
-        raise ValueError(f"{name} must be at least 1, got {value}")
+        raise ConfigurationError(f"{name} must be at least 1, got {value}")

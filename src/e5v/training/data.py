@@ -17,8 +17,8 @@ from typing import Any
 import torch
 
 from e5v.core.prompts import IMAGE_TOKEN
+from e5v.errors import TrainingDataError
 from e5v.optional import require
-from e5v.training.errors import TrainingDataError
 
 __all__ = ["ROLE_NAMES", "PairData", "epoch_batches", "load_pairs"]
 
@@ -106,7 +106,7 @@ def _resolve_columns(path: Path, names: list[str], columns: Mapping[str, str]) -
         elif role != "negative" or role in columns:
             raise TrainingDataError(
                 f"{path}: no {role} column (looked for {' or '.join(map(repr, wanted))}; the file has "
-                f"{names or 'no columns'}). Rename the column or map it, e.g. --column {role}=NAME"
+                f"{names or 'no columns'}). Rename the column or map it with `columns` ({role}=NAME)"
             )
     return roles
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from e5v.core.prompts import PromptSet, fill
-from e5v.errors import ModelLoadError
+from e5v.errors import ModelLoadError, TrainingError
 from e5v.model import runner
 from e5v.model.loading import (
     LoadedModel,
@@ -27,7 +27,6 @@ from e5v.model.loading import (
 )
 from e5v.optional import require
 from e5v.training.config import TrainingConfig
-from e5v.training.errors import TrainingError
 
 __all__ = ["LORA_TARGET_MODULES", "PromptEncoder", "TextEncoder", "build_model", "loaded_for_training", "save_merged"]
 

@@ -18,11 +18,11 @@ import numpy as np
 import torch
 
 from e5v.core.prompts import get_prompts
+from e5v.errors import TrainingDataError, TrainingError
 from e5v.model.loading import resolve_dtype
 from e5v.optional import require
 from e5v.training.config import TrainingConfig
 from e5v.training.data import epoch_batches, load_pairs
-from e5v.training.errors import TrainingDataError, TrainingError
 from e5v.training.evaluate import rank_positives
 from e5v.training.loss import gather_with_grad, info_nce_loss
 from e5v.training.model import PromptEncoder, TextEncoder, build_model, loaded_for_training, save_merged
@@ -77,7 +77,7 @@ class Trainer:
             raise TrainingDataError(
                 f"{self.data.source}: {len(self.data)} rows are fewer than one optimizer step takes "
                 f"(batch_size {config.batch_size} x grad_accum {config.grad_accum} x {world} processes); "
-                "lower --batch-size or --grad-accum"
+                "lower `batch_size` or `grad_accum`"
             )
         self.total_steps = config.max_steps or config.epochs * self.steps_per_epoch
 
@@ -187,7 +187,7 @@ class Trainer:
         value = float(mean)
         if not np.isfinite(value):
             raise TrainingError(
-                f"the loss is {value} at step {self.step + 1}; lower --lr, or use bf16/fp32 instead of fp16"
+                f"the loss is {value} at step {self.step + 1}; lower `lr`, or use bf16/fp32 instead of fp16"
             )
         return value
 
@@ -269,7 +269,7 @@ class Trainer:
             )
         if state["step"] >= self.total_steps:
             raise TrainingError(
-                f"{checkpoint} is at step {state['step']}, already at --max-steps/--epochs ({self.total_steps})"
+                f"{checkpoint} is at step {state['step']}, already at `max_steps` or `epochs` ({self.total_steps})"
             )
         weights = load_file(checkpoint / "adapter_model.safetensors", device=str(self.accelerator.device))
         result = set_peft_model_state_dict(self.peft_model, weights)

@@ -35,7 +35,7 @@ from e5v.core.inputs import (
     text_request,
 )
 from e5v.core.prompts import PRESETS
-from e5v.errors import InvalidInputError
+from e5v.errors import InvalidInputError, RequestError
 
 __all__ = [
     "MAX_JSON_DEPTH",
@@ -48,7 +48,6 @@ __all__ = [
     "ErrorResponse",
     "ImagePart",
     "ImageURL",
-    "RequestError",
     "TextPart",
     "Usage",
     "embedding_request",
@@ -77,14 +76,6 @@ def quoted(value: object) -> str:
     except ValueError:  # an int too long for repr
         text = f"a {type(value).__name__}"
     return text if len(text) <= QUOTE_LIMIT else text[: QUOTE_LIMIT - 3] + "..."
-
-
-class RequestError(Exception):
-    """A request the server refuses: an HTTP status, OpenAI's error type, the parameter, the message."""
-
-    def __init__(self, status: int, message: str, *, param: str | None = None, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from chromadb.utils.embedding_functions import register_embedding_function
 
 from e5v import DEFAULT_MODEL, E5VEmbedder, Embedder, InvalidInputError, PromptSet, RemoteEmbedder
 from e5v.client import API_KEY_ENV_VAR
-from e5v.collection.binding import FUNCTION_NAME, Binding, dtype_name, model_key, prompts_config
+from e5v.collection.binding import FUNCTION_NAME, VECTOR_KEYS, Binding, dtype_name, model_key, prompts_config
 from e5v.core.batching import check_batch_size
 from e5v.core.inputs import describe
 from e5v.core.prompts import get_prompts
@@ -179,22 +179,15 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
     def binding(self) -> Binding:
         """What this function's vectors come from; in remote mode without ``model_name``,
         asks the server for its model."""
-        if self._remote is not None:
-            model = self._model_name if self._model_name is not None else self.embedder.model_name
-            return Binding(
-                model,
-                batch_size=self.batch_size,
-                prompts=prompts_config(self._prompts),
-                base_url=self._remote.base_url,
-                api_key_env_var=self._api_key_env_var,
-            )
-        assert self._model_name is not None  # in-process, it is always set
+        remote = self._remote
         return Binding(
-            self._model_name,
+            self._model_name if self._model_name is not None else self.embedder.model_name,
             revision=self._revision,
             dtype=self._dtype,
             batch_size=self.batch_size,
             prompts=self._prompts,
+            base_url=None if remote is None else remote.base_url,
+            api_key_env_var=None if remote is None else self._api_key_env_var,
         )
 
     def get_config(self) -> dict[str, Any]:
@@ -226,7 +219,7 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
         """Refuse a change of model, revision or prompts: the stored vectors would no
         longer match new ones. dtype, batch size, base_url (another server of the same
         model, or in-process) and api_key_env_var may change."""
-        for key in ("model_name", "revision", "prompts"):
+        for key in VECTOR_KEYS:
             if new_config.get(key) != old_config.get(key):
                 raise ValueError(
                     f"cannot change the e5v {key} of a collection from {old_config.get(key)!r} to "

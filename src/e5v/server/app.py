@@ -40,6 +40,7 @@ from e5v.errors import (
     RequestError,
     RequestTooLargeError,
 )
+from e5v.model.identity import model_identity
 from e5v.server.errors import LastResort, error_response
 from e5v.server.http import CloseOn408, HostCheck
 from e5v.server.metrics import Metrics
@@ -91,6 +92,7 @@ class _State:
         self.embedder: E5VEmbedder | None = None
         self.scheduler: Scheduler | None = None
         self.failure: str | None = None
+        self.model_id: str | None = None  # the loaded model's identity (e5v.model.identity)
         self.in_flight = 0
         self.started = int(time.time())
 
@@ -119,6 +121,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             on_round=record,
             thread=False,
         )
+        state.model_id = model_identity(embedder.model_name)
         state.scheduler, state.embedder = scheduler, embedder
         logger.info("ready: %s (%d-d) on %s", embedder.model_name, embedder.dimension, embedder.device)
         scheduler.serve()  # on the thread that loaded the model
@@ -203,6 +206,7 @@ def create_app(config: ServerConfig) -> FastAPI:
         return {
             "model": config.model_name,
             "ready": embedder is not None,
+            "model_id": state.model_id,
             "revision": None if embedder is None else embedder.revision,
             "dtype": None if embedder is None else str(embedder.dtype).removeprefix("torch."),
             "device": None if embedder is None else str(embedder.device),

@@ -172,7 +172,7 @@ def test_reindex_skips_unchanged_replaces_changed_and_prunes(tmp_path: Path, pho
     (corpus / "rocket.png").unlink()
     changed = e5v("index", corpus, "--db", db, "--max-chars", "200", "--prune", "--quiet")
     assert changed.returncode == 0, changed.stderr
-    assert changed.stdout.strip() == "indexed 1 files (1 records), skipped 1 unchanged, failed 0, pruned 1"
+    assert changed.stdout.strip() == "indexed 1 file (1 record), skipped 1 unchanged, failed 0, pruned 1"
     assert "item/s" not in changed.stderr
     after = stored(db)
     assert sorted(m["path"] for m in after["metadatas"]) == [str(corpus / "cat.png"), str(note)]

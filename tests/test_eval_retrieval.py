@@ -163,7 +163,7 @@ def test_e5v_eval_retrieval_compares_settings_side_by_side(own_data: Path, tiny_
     args += ["--compare", "max_image_tiles=0", "--compare", "dtype=bfloat16,max_image_tiles=1", "--k", "1,3"]
     assert main(args) == 0
     out, err = capsys.readouterr()
-    assert err.endswith(f"wrote {output}\n")
+    assert f"wrote the report to {output.resolve()}\n" in err and err.endswith("embedding cache: none (--no-cache)\n")
     header, _rule, *rows = out.splitlines()
     assert header.split() == ["task", "metric", "base", "max_image_tiles=0", "dtype=bfloat16,max_image_tiles=1"]
     kinds = ("text", "image", "composed", "all")

@@ -121,7 +121,7 @@ def test_unreachable_hub_loads_a_cached_model_with_one_warning(tmp_path: Path, n
     warning, wrote = result.stderr.splitlines()  # the warning once: the libraries' handlers do not repeat it
     assert warning.startswith("WARNING e5v.model.loading: the Hugging Face Hub is unreachable")
     assert "loading e5v-test/tiny from the cache" in warning
-    assert wrote.startswith("wrote 1 embeddings")
+    assert wrote.startswith("wrote 1 embedding of")
 
 
 def test_the_python_api_fails_the_same_way(tmp_path: Path) -> None:

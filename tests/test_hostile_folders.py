@@ -92,7 +92,7 @@ def test_a_device_is_never_read(tmp_path: Path, tiny_path: Path, capsys) -> None
         devices = ["zero.txt"]
     db = tmp_path / "db"
     status, out, err = index(capsys, folder, "--follow-links", "--db", db, "--model", tiny_path)
-    assert status == 1 and out[0].startswith("indexed 1 files")
+    assert status == 1 and out[0].startswith("indexed 1 file ")
     assert sorted(err) == [
         f"failed: {folder / name}: a character device, not a regular file; e5v reads only regular files"
         for name in devices
@@ -123,7 +123,7 @@ def test_links_out_of_the_tree_are_not_followed_unless_asked(tmp_path: Path, tin
     db = tmp_path / "db"
 
     status, out, err = index(capsys, uploads, "--db", db, "--model", tiny_path)
-    assert out[0].startswith("indexed 1 files (1 records)")
+    assert out[0].startswith("indexed 1 file (1 record)")
     assert status == 1
     assert [line.split(": ")[1] for line in err] == [str(uploads / "innocent.txt"), str(uploads / "passwd.txt")]
     assert all("outside the folders being indexed: not followed (pass --follow-links" in line for line in err)
@@ -196,7 +196,7 @@ def test_runs_racing_on_a_new_database_all_succeed(tmp_path: Path, tiny_path: Pa
     results = [(run.wait(timeout=240), *run.communicate()) for run in runs]
     for status, out, err in results:
         assert (status, err) == (0, ""), err
-        assert out.startswith("indexed 1 files (1 records)")
+        assert out.startswith("indexed 1 file (1 record)")
     assert stored_paths(db) == sorted(str(folder / f"note{n}.md") for n, folder in enumerate(folders))
 
 

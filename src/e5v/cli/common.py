@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 from e5v.defaults import DEFAULT_MODEL
@@ -24,9 +25,11 @@ __all__ = [
     "batch_size_option",
     "configure_output",
     "connect_from_args",
+    "counted",
     "device_option",
     "dtype_option",
     "embedder_from_args",
+    "existing_paths",
     "positive",
     "remote_from_args",
     "show_progress",
@@ -231,6 +234,21 @@ def add_collection_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--chroma-url", default=None, help="use a Chroma server (http://host:port) instead of the --db folder"
     )
+
+
+def counted(number: int, noun: str, plural: str | None = None) -> str:
+    """``1 file``, ``2 files``: a count in words (``plural``: when not ``noun`` + s)."""
+    return f"{number} {noun if number == 1 else plural or noun + 's'}"
+
+
+def existing_paths(paths: Iterable[str], what: str) -> None:
+    """Refuse, before anything loads, the first of ``paths`` that does not exist (a broken link
+    exists): an :class:`~e5v.errors.InvalidInputError` naming it as ``what``."""
+    from e5v.errors import InvalidInputError
+
+    for path in paths:
+        if not os.path.lexists(os.path.expanduser(path)):
+            raise InvalidInputError(f"{what} {path!r} does not exist (from {os.getcwd()!r}); check the path")
 
 
 def batch_size_option(value: str) -> int | Literal["auto"]:

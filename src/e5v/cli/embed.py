@@ -8,7 +8,15 @@ import os
 import sys
 from pathlib import Path
 
-from e5v.cli.common import add_model_options, add_server_option, embedder_from_args, remote_from_args, show_progress
+from e5v.cli.common import (
+    add_model_options,
+    add_server_option,
+    counted,
+    embedder_from_args,
+    existing_paths,
+    remote_from_args,
+    show_progress,
+)
 
 __all__ = ["register"]
 
@@ -17,7 +25,8 @@ With --kind auto (the default) an INPUT that names an existing file with an imag
 extension (jpg, jpeg, png, webp, gif, bmp, tif, tiff) is embedded as that image;
 every other INPUT is embedded as text, itself (a .txt file's name is not read). An
 INPUT that reads like a file name but is embedded as text gets a warning on stderr.
---kind text or --kind image treats every INPUT as that kind.
+--kind text or --kind image treats every INPUT as that kind; with --kind image, an
+INPUT that does not exist is an error before the model loads (exit status 2).
 
 --output FILE.npy writes a float32 matrix (one unit row per INPUT, in order);
 FILE.jsonl, or stdout without --output, one JSON object per line:
@@ -91,6 +100,14 @@ def run(args: argparse.Namespace) -> int:
     if output is not None and output.suffix.lower() not in (".npy", ".jsonl"):
         sys.stderr.write(f"e5v embed: error: --output must end in .npy or .jsonl, got {str(output)!r}\n")
         return 2
+    if output is not None and not output.parent.is_dir():
+        sys.stderr.write(
+            f"e5v embed: error: --output {str(output)!r}: its folder {str(output.parent)!r} does not exist; create "
+            "it, or write elsewhere\n"
+        )
+        return 2
+    if args.kind == "image":
+        existing_paths(args.inputs, "INPUT")
     kinds = [kind_of(value, args.kind) for value in args.inputs]
     if args.kind == "auto":
         for number, (value, kind) in enumerate(zip(args.inputs, kinds), 1):
@@ -121,5 +138,5 @@ def run(args: argparse.Namespace) -> int:
             with output.open("w", encoding="utf-8") as handle:
                 handle.writelines(lines)
     if output is not None:
-        sys.stderr.write(f"wrote {len(vectors)} embeddings of dimension {vectors.shape[1]} to {output}\n")
+        sys.stderr.write(f"wrote {counted(len(vectors), 'embedding')} of dimension {vectors.shape[1]} to {output}\n")
     return 0

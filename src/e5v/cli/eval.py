@@ -101,8 +101,9 @@ def run(args: argparse.Namespace) -> int:
 
     retrieval = _check_targets(args)
     settings = _settings(args)
-    progress = show_progress(args.quiet)
     output = Path(args.output)
+    _check_paths(args, output)
+    progress = show_progress(args.quiet)
     if retrieval:
         results = _run_retrieval(args, settings, progress)
         paper = mteb = None
@@ -112,8 +113,42 @@ def run(args: argparse.Namespace) -> int:
         paper, mteb = PAPER, MTEB_PUBLISHED
     write_report(output, report_dict(results, settings, paper=paper, mteb=mteb))
     sys.stdout.write(format_table(results, paper=paper, mteb=mteb) + "\n")
-    sys.stderr.write(f"wrote {output}\n")
+    sys.stderr.write(f"wrote the report to {output.resolve()}\n")
+    for figures in results.values():
+        for result in figures.values():
+            for name, path in result.files.items():
+                sys.stderr.write(f"wrote the {result.task} {name} to {Path(path).resolve()}\n")
+    cache = _cache_dir(args)
+    sys.stderr.write(
+        "embedding cache: none (--no-cache)\n"
+        if cache is None
+        else f"embedding cache: {cache.resolve()} (a rerun embeds nothing twice; --no-cache to store nothing)\n"
+    )
     return 0
+
+
+def _check_paths(args: argparse.Namespace, output: Path) -> None:
+    """Refuse, before anything loads, a data file that does not exist and a report folder that does not."""
+    files = {"--queries": args.queries, "--corpus": args.corpus, "--qrels": args.qrels, "--font": args.font}
+    for flag, value in files.items():
+        if value is not None and not Path(value).exists():
+            raise ConfigurationError(f"{flag} {value!r} does not exist (from {str(Path.cwd())!r}); check the path")
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise ConfigurationError(f"--data-dir {args.data_dir!r} is not a folder; give the folder of the datasets")
+    folder = output.parent
+    if not folder.is_dir():
+        raise ConfigurationError(
+            f"--output {str(output)!r}: its folder {str(folder)!r} does not exist; create it, or write elsewhere"
+        )
+
+
+def _cache_dir(args: argparse.Namespace) -> Path | None:
+    """The embedding cache's folder, ``None`` with ``--no-cache``."""
+    from e5v.evaluation.data import default_cache_dir
+
+    if args.no_cache:
+        return None
+    return Path(args.cache) if args.cache else default_cache_dir() / "embeddings"
 
 
 def _check_targets(args: argparse.Namespace) -> bool:
@@ -206,9 +241,9 @@ def _setting_value(key: str, value: str, text: str) -> Any:
 def _embedder(args: argparse.Namespace, setting: dict[str, Any]) -> Any:
     from e5v.core.cache import EmbeddingCache
     from e5v.core.embedder import E5VEmbedder
-    from e5v.evaluation.data import default_cache_dir
 
-    cache = None if args.no_cache else EmbeddingCache(args.cache or default_cache_dir() / "embeddings")
+    folder = _cache_dir(args)
+    cache = None if folder is None else EmbeddingCache(folder)
     return E5VEmbedder(
         setting["model"],
         revision=setting["revision"],

@@ -11,6 +11,7 @@ from e5v.cli.common import (
     add_server_option,
     as_flags,
     connect_from_args,
+    existing_paths,
     positive,
     remote_from_args,
     show_progress,
@@ -39,7 +40,8 @@ them), links to folders are never followed. FIFOs, devices, sockets, link loops,
 broken links and names that are not UTF-8 are reported and skipped. A file whose
 size, mtime and ctime are unchanged is skipped without reading it.
 
-Files of other types are counted and named in the summary, not read. A path that
+Files of other types are counted and named in the summary, not read. A PATH that
+does not exist is an error before anything is read (exit status 2). A file that
 cannot be indexed is reported on stderr and skipped; the exit status is 1 if any
 failed (a PDF page too), 0 otherwise (2: nothing was indexed: bad options, no model, or a collection
 or database that cannot be used). Nothing is created before the model has loaded.
@@ -102,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         # above the progress bars
         tqdm.write(f"failed: {printable_path(skipped.path)}: {as_flags(skipped.reason)}", file=sys.stderr)
 
+    existing_paths(args.paths, "PATH")  # before a database or model is touched
     store = Store(args.db, args.collection, create=True, url=args.chroma_url)
     requested = remote_from_args(args).model_name if args.server else args.model
     store.model(requested, args.revision)  # refuse another model before reading any file

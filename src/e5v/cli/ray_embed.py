@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from e5v.cli.common import add_model_options, as_flags
+from e5v.cli.common import add_model_options, as_flags, counted
 
 __all__ = ["register"]
 
@@ -147,5 +147,5 @@ def _summary(args: argparse.Namespace) -> int:
     rows = written.count_rows()
     failed = written.count_rows(filter=pads.field(args.error_column).is_valid()) if args.on_error == "skip" else 0
     note = f"; {failed} failed (see column {args.error_column!r})" if failed else ""
-    sys.stdout.write(f"wrote {rows} rows to {args.output}{note}\n")
+    sys.stdout.write(f"wrote {counted(rows, 'row')} to {args.output}{note}\n")
     return 1 if failed else 0

@@ -6,7 +6,7 @@ import argparse
 import sys
 from typing import Any
 
-from e5v.cli.common import as_flags, dtype_option, positive, show_progress
+from e5v.cli.common import as_flags, counted, dtype_option, positive, show_progress
 from e5v.defaults import DEFAULT_MODEL
 
 __all__ = ["register"]
@@ -144,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(f"e5v train: error: {as_flags(str(exc))}\n")
         return 2
     result = train(config, show_progress_bar=show_progress(args.quiet))
-    lines = [f"trained {result.steps} steps" + (f"; last loss {result.losses[-1]:.4f}" if result.losses else "")]
+    lines = [
+        f"trained {counted(result.steps, 'step')}" + (f"; last loss {result.losses[-1]:.4f}" if result.losses else "")
+    ]
     lines += [
         f"eval at step {e['step']}: mean rank {e['mean_rank']:.2f}, accuracy {e['accuracy']:.3f}"
         for e in result.evaluations[-1:]

@@ -66,7 +66,8 @@ class IndexSummary:
 
     def line(self) -> str:
         parts = [
-            f"indexed {self.indexed} files ({self.records} records)",
+            f"indexed {self.indexed} file{'' if self.indexed == 1 else 's'} ({self.records} "
+            f"record{'' if self.records == 1 else 's'})",
             f"skipped {self.unchanged} unchanged",
             f"failed {len(self.failed)}",
         ]

@@ -20,6 +20,7 @@ from chromadb.utils.embedding_functions import config_to_embedding_function, kno
 
 from chromadb_e5v import E5VEmbeddingFunction, E5VImageLoader  # noqa: E402
 from e5v import Composed, E5VEmbedder, Interleaved, InvalidInputError  # noqa: E402
+from e5v.model.identity import model_identity  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-6
@@ -139,6 +140,7 @@ def test_config_is_json_without_device(ef: E5VEmbeddingFunction, tiny_path: Path
         "dtype": None,
         "batch_size": 4,
         "prompts": "e5v",
+        "model_id": model_identity(tiny_path),
     }
     E5VEmbeddingFunction.validate_config(config)
 
@@ -204,9 +206,13 @@ def test_batch_size_auto_is_the_embedders_and_persists(tiny_path: Path, embedder
 def test_config_update_refuses_a_new_model(ef: E5VEmbeddingFunction) -> None:
     old = ef.get_config()
     ef.validate_config_update(old, {**old, "dtype": "bfloat16", "batch_size": 32})
-    for key, value in [("model_name", "other/model"), ("revision", "abc"), ("prompts", "cirr")]:
+    ef.validate_config_update(old, {**old, "model_name": "/the/same/checkpoint/moved"})  # its model_id stays
+    for key, value in [("model_id", "sha256:0123"), ("revision", "abc"), ("prompts", "cirr")]:
         with pytest.raises(ValueError, match=f"cannot change the e5v {key}"):
             ef.validate_config_update(old, {**old, key: value})
+    legacy = {key: value for key, value in old.items() if key != "model_id"}  # a config from before identities
+    with pytest.raises(ValueError, match="cannot change the e5v model_name"):
+        ef.validate_config_update(legacy, {**legacy, "model_name": "other/model"})
 
 
 # -- collections ----------------------------------------------------------------------

@@ -34,6 +34,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "bench_serve",
     "ray_embed",
     "eval",
+    "collections",
 )
 
 

@@ -106,7 +106,7 @@ def run(args: argparse.Namespace) -> int:
 
     existing_paths(args.paths, "PATH")  # before a database or model is touched
     store = Store(args.db, args.collection, create=True, url=args.chroma_url)
-    requested = remote_from_args(args).model_name if args.server else args.model
+    requested = remote_from_args(args) if args.server else args.model  # a server: checked by its model_id
     store.model(requested, args.revision)  # refuse another model before reading any file
     summary = index_files(
         store,

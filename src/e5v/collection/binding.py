@@ -4,8 +4,16 @@ It is persisted in the Chroma collection's configuration as the config of the em
 function named ``"e5v"`` (:class:`chromadb_e5v.E5VEmbeddingFunction` reads and writes
 the same dict), so a collection opens with the model it was made with, from the index,
 the server or plain Chroma. The config's keys: ``model_name``, ``revision``, ``dtype``,
-``batch_size`` and ``prompts`` in-process; ``model_name``, ``batch_size``, ``prompts``,
-``base_url`` and ``api_key_env_var`` when an ``e5v serve`` embeds (never its key).
+``batch_size``, ``prompts`` and ``model_id`` in-process; ``model_name``, ``batch_size``,
+``prompts``, ``base_url``, ``api_key_env_var`` and ``model_id`` when an ``e5v serve``
+embeds (never its key).
+
+``model_name`` says where the model was loaded from (a hub id, a folder's absolute path,
+a server's model name); ``model_id`` is the model's identity
+(:func:`e5v.model.identity.model_identity`: the hub id, or a local folder's fingerprint),
+and vectors compare when identities (and revisions and prompts) do, wherever the files
+lie. Bindings persisted before ``model_id`` existed have none: they are known by
+``model_name``, and the store fingerprints their folder when it is still there.
 """
 
 from __future__ import annotations
@@ -14,7 +22,7 @@ import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -23,21 +31,40 @@ from e5v.core.prompts import PRESETS, PromptSet, get_prompts
 from e5v.errors import ConfigurationError
 from e5v.model.loading import resolve_dtype
 
-__all__ = ["CONFIG_KEYS", "FUNCTION_NAME", "VECTOR_KEYS", "Binding", "dtype_name", "model_key", "prompts_config"]
+if TYPE_CHECKING:
+    from e5v.client import RemoteEmbedder
+
+__all__ = [
+    "CONFIG_KEYS",
+    "FUNCTION_NAME",
+    "VECTOR_KEYS",
+    "Binding",
+    "dtype_name",
+    "model_key",
+    "prompts_config",
+    "served_identity",
+]
 
 #: The name the binding is persisted under, as Chroma's embedding function.
 FUNCTION_NAME = "e5v"
-#: The keys of a persisted binding: the first five in-process; model_name, batch_size,
-#: prompts, base_url and api_key_env_var with an e5v server.
-CONFIG_KEYS = ("model_name", "revision", "dtype", "batch_size", "prompts", "base_url", "api_key_env_var")
-#: What must match for two bindings' vectors to compare.
-VECTOR_KEYS = ("model_name", "revision", "prompts")
+#: The keys of a persisted binding (see the module doc).
+CONFIG_KEYS = ("model_name", "revision", "dtype", "batch_size", "prompts", "base_url", "api_key_env_var", "model_id")
+#: What must match for two bindings' vectors to compare: the model (its ``model_id``, else
+#: its ``model_name``), revision and prompts.
+VECTOR_KEYS = ("model_id", "revision", "prompts")
 
 
 def model_key(name: str | Path) -> str:
     """How a model is named in a binding: local folders by absolute path, so it opens from any folder."""
     path = Path(name).expanduser()
     return str(path.resolve()) if path.is_dir() else str(name)
+
+
+def served_identity(remote: RemoteEmbedder) -> str:
+    """The identity of the model an ``e5v serve`` serves, as its ``/info`` says (its model
+    name, from a server older than identities)."""
+    found = remote.info.get("model_id")
+    return found if isinstance(found, str) and found else remote.model_name
 
 
 def dtype_name(dtype: str | torch.dtype) -> str:
@@ -55,7 +82,9 @@ class Binding:
     """The model (a hub id, or a local folder's absolute path), its ``revision`` and
     ``dtype`` (``None``: the device's default), the ``batch_size`` a collection's function
     embeds with, and its ``prompts`` (a preset name or a custom :class:`~e5v.PromptSet`);
-    with ``base_url`` an ``e5v serve`` embeds, its key read from ``api_key_env_var``."""
+    with ``base_url`` an ``e5v serve`` embeds, its key read from ``api_key_env_var``;
+    ``model_id`` is the model's identity (``None``: a binding persisted before identities,
+    known by ``model``)."""
 
     model: str
     revision: str | None = None
@@ -64,6 +93,12 @@ class Binding:
     prompts: str | PromptSet | None = None
     base_url: str | None = None
     api_key_env_var: str | None = None
+    model_id: str | None = None
+
+    @property
+    def identity(self) -> str:
+        """The model's identity: ``model_id``, else (an old binding) ``model``."""
+        return self.model_id or self.model
 
     @property
     def prompt_set(self) -> PromptSet:
@@ -71,15 +106,24 @@ class Binding:
         return get_prompts(self.prompts)
 
     def compares_with(self, other: Binding) -> bool:
-        """Whether vectors of ``other`` compare with this binding's: the same model, revision and prompts."""
+        """Whether vectors of ``other`` compare with this binding's: the same model (by
+        ``model_id`` when both have one, else by ``model``), revision and prompts."""
+        return not self.differences(other)
+
+    def differences(self, other: Binding) -> list[str]:
+        """The :data:`VECTOR_KEYS` in which ``other`` differs, so that their vectors do not compare."""
         mine, theirs = self.to_config(), other.to_config()
-        return all(mine.get(key) == theirs.get(key) for key in VECTOR_KEYS)
+        same_model = self.model_id == other.model_id if self.model_id and other.model_id else self.model == other.model
+        return [
+            key for key in VECTOR_KEYS if (not same_model if key == "model_id" else mine.get(key) != theirs.get(key))
+        ]
 
     def to_config(self) -> dict[str, Any]:
         """The persisted config (see the module doc)."""
         prompts = self.prompts
         if isinstance(prompts, PromptSet):
             prompts = prompts_config(prompts)
+        identity = {} if self.model_id is None else {"model_id": self.model_id}
         if self.base_url is not None:
             return {
                 "model_name": self.model,
@@ -87,6 +131,7 @@ class Binding:
                 "prompts": prompts,
                 "base_url": self.base_url,
                 "api_key_env_var": self.api_key_env_var,
+                **identity,
             }
         return {
             "model_name": self.model,
@@ -94,6 +139,7 @@ class Binding:
             "dtype": self.dtype,
             "batch_size": self.batch_size,
             "prompts": prompts,
+            **identity,
         }
 
     @classmethod
@@ -107,7 +153,7 @@ class Binding:
             raise ConfigurationError(
                 f"e5v config needs model_name, a hub id or a local directory; got {dict(config)!r}"
             )
-        for key in ("revision", "dtype", "base_url", "api_key_env_var"):
+        for key in ("revision", "dtype", "base_url", "api_key_env_var", "model_id"):
             if config.get(key) is not None and not isinstance(config[key], str):
                 raise ConfigurationError(f"e5v config {key} must be a string or null, got {config[key]!r}")
         if config.get("base_url") is not None:
@@ -144,4 +190,5 @@ class Binding:
             prompts=prompts,
             base_url=config.get("base_url"),
             api_key_env_var=config.get("api_key_env_var"),
+            model_id=config.get("model_id"),
         )

@@ -8,17 +8,26 @@ index passes vectors with ``embeddings=``). Metadata: ``path`` (absolute), ``kin
 (``image``/``text``/``interleaved``), ``sha256`` (of the file), ``passage``, ``start``,
 ``end`` for text passages, whose text is the record's document, and ``page`` (from 1)
 for a PDF's records; bookkeeping (:data:`~e5v.collection.records.BOOKKEEPING`) stays
-inside the store. Needs ``chromadb``.
+inside the store. The collection's Chroma metadata holds when it was last written
+(:data:`INDEXED_AT`). Needs ``chromadb``.
+
+A collection is bound to its model's identity (:mod:`e5v.model.identity`), not to where
+its files lie: the same checkpoint folder by another path, moved or copied, or served by
+an ``e5v serve`` under any name, opens it; when the folder is given by a new path, the
+binding is updated to it. A collection bound before identities (no ``model_id``) is known
+by its folder's path, and gets the folder's identity when the folder is still there.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shlex
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 from urllib.parse import urlsplit
@@ -27,18 +36,19 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 from e5v.client import API_KEY_ENV_VAR, Embedder, RemoteEmbedder
-from e5v.collection.binding import FUNCTION_NAME, Binding, dtype_name, model_key
+from e5v.collection.binding import FUNCTION_NAME, Binding, dtype_name, model_key, served_identity
 from e5v.collection.records import BOOKKEEPING, FileRecords, Record, Stored, Unchanged
 from e5v.core.embedder import E5VEmbedder
 from e5v.defaults import DEFAULT_MODEL
 from e5v.errors import E5VError, StoreError
 from e5v.files import printable_path
+from e5v.model.identity import model_identity, short_identity
 from e5v.optional import require
 
 if TYPE_CHECKING:
     from chromadb.api.models.Collection import Collection
 
-__all__ = ["Hit", "Store", "StoredRecord"]
+__all__ = ["INDEXED_AT", "Hit", "Store", "StoredRecord"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +60,8 @@ COLLECTION_NAME = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9._-]{1,510}[a-zA-Z0-9]")
 LOCK_NAME = ".e5v.lock"
 #: Metadata fields a hit carries as its own fields; the other public ones are its ``metadata``.
 HIT_FIELDS = frozenset({"kind", "path", "passage", "start", "end"})
+#: The key of the collection's metadata that holds when records were last written (UTC, ISO 8601).
+INDEXED_AT = "e5v_indexed_at"
 
 
 @dataclass(frozen=True)
@@ -155,6 +167,13 @@ class _BindingFunction:
     def build_from_config(config: dict[str, Any]) -> _BindingFunction:
         return _BindingFunction(Binding.from_config(config))
 
+    @staticmethod
+    def validate_config(config: dict[str, Any]) -> None:
+        Binding.from_config(config)
+
+    def validate_config_update(self, old_config: dict[str, Any], new_config: dict[str, Any]) -> None:
+        """Any update: the store checks a new binding (or a rebind) before it persists it."""
+
     def default_space(self) -> str:
         return "cosine"
 
@@ -163,6 +182,29 @@ class _BindingFunction:
 
     def is_legacy(self) -> bool:
         return False
+
+
+@contextmanager
+def _registry_kept() -> Iterator[None]:
+    """Chroma registers the function of a configuration it writes under its name: keep the
+    function registered as ``"e5v"`` before (chromadb_e5v's, which embeds), or none."""
+    from chromadb.utils.embedding_functions import known_embedding_functions
+
+    registered = known_embedding_functions.get(FUNCTION_NAME)
+    try:
+        yield
+    finally:
+        if registered is None:
+            known_embedding_functions.pop(FUNCTION_NAME, None)
+        else:
+            known_embedding_functions[FUNCTION_NAME] = registered
+
+
+def _identified(binding: Binding) -> Binding:
+    """``binding``, with its model folder's identity if it was bound before identities and the folder is there."""
+    if binding.model_id is not None or binding.base_url is not None or not Path(binding.model).is_dir():
+        return binding
+    return dataclasses.replace(binding, model_id=model_identity(binding.model))
 
 
 def _chromadb() -> Any:
@@ -205,6 +247,7 @@ class Store:
         self.db, self.name, self.url = Path(db).expanduser(), name, url
         self.collection: Collection | None = None
         self.binding: Binding | None = None
+        self._persisted: Binding | None = None  # the binding as the database holds it
         self._client: Any = None
         if url is not None:
             self._client = _http_client(self._chromadb, url)
@@ -218,15 +261,24 @@ class Store:
         with self._locked("opening the database"):
             self._load()
         if self.collection is None and not create:
+            names = self.names()
+            held = f"it holds {', '.join(map(repr, names))}" if names else "it holds no collection"
             raise StoreError(
-                f"no collection {name!r} in {self._where!r}; index files first with "
-                f"`e5v index PATH {'--chroma-url' if url else '--db'} {shlex.quote(str(url or db))} "
+                f"no collection {name!r} in {self._where!r} ({held}); pick one of them as `name`, or index files "
+                f"first with `e5v index PATH {'--chroma-url' if url else '--db'} {shlex.quote(str(url or db))} "
                 f"--collection {shlex.quote(name)}`"
             )
 
     @property
     def _where(self) -> str:
         return self.url or str(self.db)
+
+    def names(self) -> list[str]:
+        """The names of every collection in this database (or on this Chroma server), sorted."""
+        if self._client is None:
+            return []
+        with self._failing("listing the collections"):
+            return sorted(collection.name for collection in self._client.list_collections())
 
     @contextmanager
     def _failing(self, doing: str) -> Iterator[None]:
@@ -266,7 +318,7 @@ class Store:
         try:
             self.collection = self._client.get_collection(self.name)
         except self._chromadb.errors.NotFoundError:
-            self.collection, self.binding = None, None
+            self.collection, self.binding, self._persisted = None, None, None
             return
         function = self.collection.configuration_json.get("embedding_function") or {}
         if function.get("name") != FUNCTION_NAME:
@@ -275,9 +327,10 @@ class Store:
                 f"{function.get('name')!r}); pick another `name`"
             )
         try:
-            self.binding = Binding.from_config(function.get("config") or {})
+            self._persisted = Binding.from_config(function.get("config") or {})
         except ValueError as exc:
             raise StoreError(f"collection {self.name!r} in {self._where!r} has a broken e5v binding: {exc}") from None
+        self.binding = _identified(self._persisted)
 
     def count(self) -> int:
         """Records in the collection (0 before it exists)."""
@@ -290,24 +343,45 @@ class Store:
         """The binding of the model the records were embedded with; ``None`` while there are none."""
         return self.binding if self.binding is not None and self.count() > 0 else None
 
-    def model(self, model: str | None = None, revision: str | None = None) -> str:
-        """The model to embed with: the one the records were embedded with (``model``
-        must match it), else ``model``, the empty collection's, or the default.
-        Raises :class:`StoreError`."""
+    def model(self, model: str | RemoteEmbedder | None = None, revision: str | None = None) -> str:
+        """The model to embed with: the one the records were embedded with (``model``, a
+        name or an ``e5v serve``, must be it: the same identity and revision), found where
+        ``model`` says, else ``model``, the empty collection's, or the default. Raises
+        :class:`StoreError`."""
         bound = self._bound()
+        name = model.model_name if isinstance(model, RemoteEmbedder) else None if model is None else model_key(model)
         if bound is None:
             stored = None if self.binding is None else self.binding.model
-            return model_key(model or stored or DEFAULT_MODEL)
-        stored, stored_revision = bound.model, bound.revision
-        if (model is not None and model_key(model) != stored) or (revision is not None and revision != stored_revision):
-            asked = f"{model or stored!r}" + (f" at revision {revision!r}" if revision else "")
-            built = f"{stored!r}" + (f" at revision {stored_revision!r}" if stored_revision else "")
-            raise StoreError(
-                f"collection {self.name!r} in {self._where!r} holds vectors of {built}, not {asked}: vectors "
-                f"of different models do not compare. Leave out `model` to use {stored!r}, or pick a new "
-                "`name` (or `db`) for the other model"
-            )
-        return stored
+            return name or model_key(stored or DEFAULT_MODEL)
+        if model is None:
+            if revision is not None and revision != bound.revision:
+                raise StoreError(self._refusal(bound, bound.model, revision))
+            if bound.base_url is None and Path(bound.model).is_absolute() and not Path(bound.model).exists():
+                raise StoreError(
+                    f"collection {self.name!r} in {self._where!r} was indexed with the model at {bound.model!r}, "
+                    f"which is gone; pass `model` with where that checkpoint is now, or rebind the collection to it "
+                    f"with `e5v collections rebind {shlex.quote(self.name)} --model PATH`"
+                )
+            return bound.model
+        assert name is not None
+        identity = served_identity(model) if isinstance(model, RemoteEmbedder) else model_identity(name)
+        asked = dataclasses.replace(bound, model=name, model_id=identity, revision=revision or bound.revision)
+        if bound.differences(asked):
+            raise StoreError(self._refusal(bound, name, revision, identity))
+        return name
+
+    def _refusal(self, bound: Binding, name: str, revision: str | None, identity: str | None = None) -> str:
+        """The one line that refuses a model whose vectors do not compare with the collection's."""
+        built = f"{bound.model!r} ({short_identity(bound.identity)}" + (
+            f", revision {bound.revision!r})" if bound.revision else ")"
+        )
+        asked = f"{name!r}" + (f" ({short_identity(identity)})" if identity and identity != name else "")
+        asked += f" at revision {revision!r}" if revision else ""
+        return (
+            f"collection {self.name!r} in {self._where!r} holds vectors of {built}, not of {asked}: vectors of "
+            f"different models do not compare; see which model it holds with `e5v collections info "
+            f"{shlex.quote(self.name)}`, leave out `model` to use it, or pick a new `name` for the other model"
+        )
 
     def connect(
         self,
@@ -323,10 +397,8 @@ class Store:
         serve`` (its model checked the same way), then create the database and the
         collection if needed, or rebind an empty collection to this model."""
         remote = None if server is None else RemoteEmbedder(server)
-        if remote is not None:
-            model = remote.model_name  # the server's model, checked like any other
-        name = self.model(model, revision)
-        if self._bound() is None and self.binding is not None and model is not None:
+        name = self.model(model if remote is None else remote, revision)  # a server's model, checked like any other
+        if self._bound() is None and self.binding is not None and (model is not None or remote is not None):
             self.binding = None  # an empty collection: the options asked for, not its old ones
         binding, embedder = self._embedder(name, remote, revision, device, dtype, batch_size)
         seen = None if self.collection is None else self.collection.id
@@ -345,10 +417,31 @@ class Store:
                 self.collection = None
             if self.collection is None:
                 function = _BindingFunction(binding)
-                self.collection = self._client.create_collection(self.name, embedding_function=function)
+                with _registry_kept():
+                    self.collection = self._client.create_collection(self.name, embedding_function=function)
                 logger.info("created collection %r in %s for %s", self.name, self._where, name)
+                self._persisted = binding
+            else:
+                self._follow(binding)
         self.binding = binding
         return embedder
+
+    def _follow(self, binding: Binding) -> None:
+        """Persist where the collection's model now lies (a moved or copied folder, or the
+        identity of a folder bound before identities), when it is loaded in-process."""
+        stored = self._persisted
+        if stored is None or stored.base_url is not None or binding.base_url is not None:
+            return
+        if (stored.model, stored.model_id) != (binding.model, binding.model_id):
+            logger.info("collection %r in %s: its model is now at %s", self.name, self._where, binding.model)
+            self._persist(dataclasses.replace(stored, model=binding.model, model_id=binding.model_id))
+
+    def _persist(self, binding: Binding) -> None:
+        """Write ``binding`` as the collection's (its records are kept)."""
+        collection = self._connected()
+        with self._failing("recording the collection's model"), _registry_kept():
+            collection.modify(configuration={"embedding_function": _BindingFunction(binding)})
+        self._persisted = binding
 
     def _embedder(
         self,
@@ -367,7 +460,12 @@ class Store:
             preset = prompts if isinstance(prompts, str) else "e5v"
             embedder: Embedder = RemoteEmbedder(remote.base_url, prompts=preset)
             binding = Binding(
-                name, batch_size=batch_size, prompts=preset, base_url=remote.base_url, api_key_env_var=API_KEY_ENV_VAR
+                name,
+                batch_size=batch_size,
+                prompts=preset,
+                base_url=remote.base_url,
+                api_key_env_var=API_KEY_ENV_VAR,
+                model_id=served_identity(remote),
             )
             return binding, embedder
         binding = Binding(
@@ -376,6 +474,7 @@ class Store:
             dtype=dtype_name(dtype) if dtype is not None else None if stored is None else stored.dtype,
             batch_size=batch_size,
             prompts="e5v" if prompts is None else prompts,
+            model_id=model_identity(name),
         )
         local = E5VEmbedder(
             name, device=device, dtype=binding.dtype, revision=binding.revision, prompts=binding.prompt_set
@@ -434,12 +533,14 @@ class Store:
             for file in files:
                 collection.delete(where={"$and": [{"path": file.path}, {"sha256": {"$ne": file.sha256}}]})
             self._upsert(collection, records, vectors, markers)
+            self._touch(collection)
 
     def put(self, records: Sequence[Record], vectors: np.ndarray) -> None:
         """Store records as they are (vectors in record order), deleting nothing."""
         collection = self._connected()
         with self._failing(f"writing {len(records)} records"):
             self._upsert(collection, list(records), vectors, list(range(len(records))))
+            self._touch(collection)
 
     def drop_except(self, path: str, keep: set[str]) -> None:
         """Delete the records of ``path`` whose ids are not in ``keep``."""
@@ -479,6 +580,77 @@ class Store:
         with self._failing(f"deleting the records of {len(paths)} files"):
             for start in range(0, len(paths), 500):
                 self.collection.delete(where={"path": {"$in": paths[start : start + 500]}})
+            self._touch(self.collection)
+
+    @staticmethod
+    def _touch(collection: Collection) -> None:
+        """Record in the collection's metadata that its records changed now (:data:`INDEXED_AT`);
+        ``hnsw:`` keys stay out (Chroma refuses them in an update; the configuration holds them)."""
+        kept = {key: value for key, value in (collection.metadata or {}).items() if not key.startswith("hnsw:")}
+        collection.modify(metadata={**kept, INDEXED_AT: datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+    @property
+    def indexed_at(self) -> str | None:
+        """When records were last written (UTC, ISO 8601); ``None`` for a collection made before it was recorded."""
+        found = None if self.collection is None else (self.collection.metadata or {}).get(INDEXED_AT)
+        return None if found is None else str(found)
+
+    def counts(self) -> tuple[dict[str, int], int]:
+        """How many records there are of each ``kind``, and how many files they come from."""
+        kinds: dict[str, int] = {}
+        paths: set[str] = set()
+        for _, metadata in self._metadatas():
+            kind = str(metadata.get("kind"))
+            kinds[kind] = kinds.get(kind, 0) + 1
+            paths.add(str(metadata.get("path")))
+        return dict(sorted(kinds.items())), len(paths)
+
+    def sample(self, size: int) -> list[StoredRecord]:
+        """Up to ``size`` records with their vectors, as many of each kind as there are
+        (taken in the store's order), for checking them against another model."""
+        by_kind: dict[str, list[str]] = {}
+        for id_, metadata in self._metadatas():
+            by_kind.setdefault(str(metadata.get("kind")), []).append(id_)
+        picked: list[str] = []
+        while len(picked) < size and any(by_kind.values()):
+            for ids in by_kind.values():
+                if ids and len(picked) < size:
+                    picked.append(ids.pop(0))
+        return self.get_records(picked, vectors=True)
+
+    def rebind(self, binding: Binding) -> None:
+        """Bind the collection, records kept, to ``binding`` (checked by the caller:
+        :func:`e5v.collection.catalog.rebind` re-embeds a sample first)."""
+        self._persist(binding)
+        self.binding = binding
+
+    def delete(self) -> None:
+        """Delete the collection and every record it holds."""
+        if self.collection is None:
+            return
+        with self._locked(f"deleting the collection {self.name!r}"):
+            self._client.delete_collection(self.name)
+        logger.info("deleted collection %r in %s", self.name, self._where)
+        self.collection, self.binding, self._persisted = None, None, None
+
+    def disk_bytes(self) -> int | None:
+        """About how many bytes the collection takes on disk: its vector index files and
+        its share (by record count) of the database file; ``None`` on a Chroma server."""
+        if self.url is not None or self.collection is None:
+            return None
+        import sqlite3
+
+        database = (self.db / "chroma.sqlite3").resolve()
+        with self._failing("measuring the collection"):
+            with sqlite3.connect(f"{database.as_uri()}?mode=ro", uri=True) as connection:
+                rows = connection.execute("SELECT id FROM segments WHERE collection = ?", (str(self.collection.id),))
+                segments = [str(row[0]) for row in rows]
+            total = sum(collection.count() for collection in self._client.list_collections())
+            own = sum(
+                path.stat().st_size for segment in segments for path in (self.db / segment).rglob("*") if path.is_file()
+            )
+            share = database.stat().st_size * self.collection.count() // total if total else 0
+        return own + share
 
     def query(self, vector: np.ndarray, k: int = 10, kind: str | None = None) -> list[Hit]:
         """The ``k`` records nearest to ``vector`` (of ``kind`` if given), best first."""

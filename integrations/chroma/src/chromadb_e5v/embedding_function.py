@@ -15,11 +15,12 @@ from chromadb.utils.embedding_functions import register_embedding_function
 
 from e5v import DEFAULT_MODEL, E5VEmbedder, Embedder, InvalidInputError, PromptSet, RemoteEmbedder
 from e5v.client import API_KEY_ENV_VAR
-from e5v.collection.binding import FUNCTION_NAME, VECTOR_KEYS, Binding, dtype_name, model_key, prompts_config
+from e5v.collection.binding import FUNCTION_NAME, Binding, dtype_name, model_key, prompts_config, served_identity
 from e5v.core.batching import check_batch_size
 from e5v.core.inputs import describe
 from e5v.core.prompts import get_prompts
 from e5v.errors import ConfigurationError
+from e5v.model.identity import model_identity
 from e5v.model.loading import resolve_device, resolve_dtype
 
 __all__ = ["E5VEmbeddingFunction", "clear_cache"]
@@ -46,14 +47,17 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
     size (``"auto"``: the embedder's, by default 16 items on CPU and 256 on GPU) and
     prompts, never the device: a collection reopened without the function (after
     ``import chromadb_e5v``) reuses this process's embedder for that config, or loads
-    the model on the default device of the machine that opens it.
+    the model on the default device of the machine that opens it. The config also holds
+    the model's identity (``model_id``, see :mod:`e5v.model.identity`): the same
+    checkpoint moved or copied elsewhere is the same model.
 
     Remote mode: with ``base_url`` an ``e5v serve`` embeds (through
     :class:`e5v.RemoteEmbedder`) and no model is loaded here. The key is ``api_key``,
     else the value of the variable ``api_key_env_var``; the config holds ``base_url``
     and ``api_key_env_var``, never the key, so a reopened collection reads the key from
     that variable. The model name is the server's (``model_name``, if given, must be
-    it: checked on first use); ``prompts`` is a preset name the server applies (``None``:
+    it: checked on first use; without it, the config holds the server's model and its
+    ``model_id``); ``prompts`` is a preset name the server applies (``None``:
     ``"e5v"``); ``device``, ``dtype``, ``revision`` and ``embedder`` do not apply.
     """
 
@@ -76,6 +80,8 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
         self._embedder: Embedder | None = embedder
         self._remote: RemoteEmbedder | None = None
         self._api_key_env_var = api_key_env_var
+        self._model_id: str | None = None
+        self._identify = True  # find model_id on first use (not for a config persisted without one)
         if base_url is not None:
             _check_remote_options(device=device, dtype=dtype, revision=revision, embedder=embedder)
             self._prompts = get_prompts(prompts)
@@ -180,6 +186,11 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
         """What this function's vectors come from; in remote mode without ``model_name``,
         asks the server for its model."""
         remote = self._remote
+        if self._identify and remote is None and self._model_name is not None:
+            self._model_id, self._identify = model_identity(self._model_name), False
+        elif self._identify and remote is not None and self._model_name is None:
+            self.embedder  # noqa: B018 - checks the server, which says its model and identity
+            self._model_id, self._identify = served_identity(remote), False
         return Binding(
             self._model_name if self._model_name is not None else self.embedder.model_name,
             revision=self._revision,
@@ -188,6 +199,7 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
             prompts=self._prompts,
             base_url=None if remote is None else remote.base_url,
             api_key_env_var=None if remote is None else self._api_key_env_var,
+            model_id=self._model_id,
         )
 
     def get_config(self) -> dict[str, Any]:
@@ -200,7 +212,7 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
         embedder is shared, so rebuilding never loads the model again), or through the
         config's server, with the key read from its ``api_key_env_var``."""
         binding = Binding.from_config(config)
-        return E5VEmbeddingFunction(
+        function = E5VEmbeddingFunction(
             binding.model,
             revision=binding.revision,
             dtype=binding.dtype,
@@ -209,6 +221,8 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
             base_url=binding.base_url,
             api_key_env_var=binding.api_key_env_var or API_KEY_ENV_VAR,
         )
+        function._model_id, function._identify = binding.model_id, False  # as persisted: an old config stays so
+        return function
 
     @staticmethod
     def validate_config(config: dict[str, Any]) -> None:
@@ -216,15 +230,17 @@ class E5VEmbeddingFunction(EmbeddingFunction[Embeddable]):
         Binding.from_config(config)
 
     def validate_config_update(self, old_config: dict[str, Any], new_config: dict[str, Any]) -> None:
-        """Refuse a change of model, revision or prompts: the stored vectors would no
-        longer match new ones. dtype, batch size, base_url (another server of the same
-        model, or in-process) and api_key_env_var may change."""
-        for key in VECTOR_KEYS:
-            if new_config.get(key) != old_config.get(key):
-                raise ValueError(
-                    f"cannot change the e5v {key} of a collection from {old_config.get(key)!r} to "
-                    f"{new_config.get(key)!r}: its stored vectors come from the old one; create a new collection"
-                )
+        """Refuse a change of model (its identity), revision or prompts: the stored vectors
+        would no longer match new ones. dtype, batch size, base_url (another server of the
+        same model, or in-process), api_key_env_var and model_name (the same model moved)
+        may change."""
+        old, new = Binding.from_config(old_config), Binding.from_config(new_config)
+        for key in old.differences(new):
+            name = "model_name" if key == "model_id" and not (old.model_id and new.model_id) else key
+            raise ValueError(
+                f"cannot change the e5v {name} of a collection from {old_config.get(name)!r} to "
+                f"{new_config.get(name)!r}: its stored vectors come from the old one; create a new collection"
+            )
 
     def __repr__(self) -> str:
         if self._remote is not None:

@@ -215,7 +215,7 @@ def test_thumbnails_only_of_indexed_image_files(server: str, store, corpus: Path
 
     assert "no record 'nope' in collection" in error(thumbnail("nope"), 404)
     note = by_path(store, "espresso.txt", passage=0)
-    assert "is a text record; only image records and PDF pages have thumbnails" in error(thumbnail(note), 404)
+    assert "is a text record; only image records and PDF pages have pictures" in error(thumbnail(note), 404)
     (corpus / "gone.png").unlink()
     assert "gone.png) is gone" in error(thumbnail(by_path(store, "gone.png")), 404)
     photos["coffee"].save(corpus / "changed.png")
@@ -287,9 +287,9 @@ def test_serve_db_refuses_what_it_cannot_serve(db: Path, tmp_path: Path) -> None
 
 
 def test_a_pdf_pages_thumbnail_is_its_rendering(tmp_path: Path, tiny_path: Path) -> None:
-    """A page's image and interleaved records get the page drawn, made once; its text record none."""
+    """Every record of a PDF page gets the page drawn, made once; a text file's record none."""
     pytest.importorskip("pypdfium2")
-    from e5v.collection.repository import Store
+    from e5v.collection.repository import Store, StoredRecord
     from e5v.errors import ThumbnailError
     from e5v.server.thumbnails import Thumbnails
 
@@ -302,21 +302,26 @@ def test_a_pdf_pages_thumbnail_is_its_rendering(tmp_path: Path, tiny_path: Path)
     records = store.get_records([id_ for id_, _ in store._metadatas()])
     made: list[int] = []
     thumbnails = Thumbnails(on_generate=lambda: made.append(1))
-    drawn = [record for record in records if record.metadata["kind"] in ("image", "interleaved")]
-    assert drawn and all(record.metadata.get("page") for record in drawn)
+    drawn = list(records)
+    assert {record.metadata["kind"] for record in drawn} == {"image", "text", "interleaved"}
+    assert all(record.metadata.get("page") for record in drawn)
     for record in drawn:
         with Image.open(io.BytesIO(thumbnails.get(record))) as image:
             assert image.format == "JPEG" and max(image.size) <= thumbnails.size and image.getextrema() != ((0, 0),) * 3
     thumbnails.get(drawn[0])
     assert len(made) == len(drawn)  # the second request of a page came from memory
-    text = next(record for record in records if record.metadata["kind"] == "text")
-    with pytest.raises(ThumbnailError, match="only image records and PDF pages have thumbnails"):
-        thumbnails.get(text)
+    (tmp_path / "note.txt").write_text("a note")
+    note = StoredRecord("n", {"kind": "text", "path": str(tmp_path / "note.txt"), "sha256": "0" * 64})
+    with pytest.raises(ThumbnailError, match="only image records and PDF pages have pictures"):
+        thumbnails.get(note)
 
 
 #: Every field a hit may carry, and every metadata key of one indexed by e5v: no bookkeeping.
-API_HIT_FIELDS = {"rank", "id", "score", "kind", "path", "passage", "start", "end", "text", "thumbnail", "metadata"}
-JSON_HIT_FIELDS = {"rank", "id", "score", "kind", "path", "page", "passage", "start", "end", "text"}
+API_HIT_FIELDS = {
+    *("rank", "id", "score", "kind", "path", "passage", "start", "end", "text", "thumbnail", "metadata"),
+    *("kinds", "pages", "file", "content"),
+}
+JSON_HIT_FIELDS = {"rank", "id", "score", "kind", "path", "page", "pages", "kinds", "passage", "start", "end", "text"}
 PUBLIC_METADATA = {"sha256", "page"}
 
 
@@ -345,7 +350,7 @@ def test_hits_carry_no_bookkeeping_field(tmp_path: Path, tiny_path: Path) -> Non
         assert set(shown) == API_HIT_FIELDS
         assert set(shown["metadata"]) <= PUBLIC_METADATA
         assert ("page" in shown["metadata"]) == record.metadata["path"].endswith(".pdf")
-    searched = e5v("search", "a galaxy", "-k", "100", "--json", "--db", db)
+    searched = e5v("search", "a galaxy", "-k", "100", "--json", "--group", "none", "--db", db)
     assert searched.returncode == 0, searched.stderr
     listed = json.loads(searched.stdout)
     assert len(listed) == len(records) and all(set(hit) <= JSON_HIT_FIELDS for hit in listed)

@@ -84,6 +84,9 @@ def describe(obj: object) -> str:
         return f"numpy array of shape {obj.shape} and dtype {obj.dtype}"
     if isinstance(obj, Image.Image):
         return f"PIL image {obj.mode} {obj.size[0]}x{obj.size[1]}"
+    if hasattr(obj, "read"):
+        name = getattr(obj, "name", None)
+        return f"file {str(name)!r}" if isinstance(name, (str, Path)) else "binary file object"
     return f"{type(obj).__module__}.{type(obj).__qualname__}"
 
 
@@ -212,8 +215,10 @@ class ImageLoader:
                 index=index,
             ) from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
+            # Pillow's UnidentifiedImageError names the stream by its repr: say it in words instead
+            why = "Pillow cannot identify its format" if isinstance(exc, UnidentifiedImageError) else f"{exc}"
             raise InvalidInputError(
-                f"{describe(original)} is not a readable image ({type(exc).__name__}: {exc}); "
+                f"{describe(original)} is not a readable image ({why}); "
                 "check that the file is a complete PNG, JPEG, GIF, WebP, BMP or TIFF",
                 index=index,
             ) from None

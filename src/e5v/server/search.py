@@ -2,9 +2,13 @@
 
 ``POST /v1/search``: a text, an image, both (a composed query: the image changed as the
 text says), or a record's stored vector ("more like this", nothing embedded) → ranked
-hits. ``GET /v1/records/{id}/thumbnail``: a JPEG of an image record, made on first
-request and kept. ``GET /v1/collection``: the model, record count and kinds. Files are
-reached only through record ids of the collection, never by a path. Like every
+hits, filtered (``where``) and grouped by PDF page or file (``group``, see
+:mod:`e5v.collection.query`), each with its picture for RAG when ``content`` is asked.
+``GET /v1/records/{id}/thumbnail``: a JPEG of an image record or a PDF page, made on first
+request and kept. ``GET /v1/records/{id}/file``: the file a record was indexed from (a PDF
+whole: open it at ``#page=N``), while it is still the indexed one (same sha256).
+``GET /v1/collection``: the model, record count and kinds. Files are reached only through
+record ids of the collection, never by a path. Like every
 ``/v1/*`` route they need the server's key when it has keys; the page at ``/``
 (:mod:`e5v.server.page`) holds no data and is served to everyone.
 """
@@ -15,9 +19,12 @@ import asyncio
 import base64
 import binascii
 import logging
+import mimetypes
+import os
 import threading
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractContextManager
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import quote
 
@@ -27,11 +34,15 @@ from fastapi.responses import Response
 from prometheus_client import Counter
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from e5v.collection.files import sha256_bytes
+from e5v.collection.query import KindMatch, Result, default_group, where_from
+from e5v.collection.query import search as search_store
 from e5v.collection.repository import Hit, Store, StoredRecord
 from e5v.core.embedder import E5VEmbedder
 from e5v.core.inputs import Request as Item
 from e5v.core.inputs import check_text, decode_data_uri, query_item, to_request
 from e5v.errors import (
+    ConfigurationError,
     E5VError,
     InvalidInputError,
     QueueFullError,
@@ -39,10 +50,11 @@ from e5v.errors import (
     RequestTooLargeError,
     ThumbnailError,
 )
+from e5v.files import open_regular, printable_path
 from e5v.server.metrics import Metrics
 from e5v.server.page import add_page
 from e5v.server.scheduler import Scheduler
-from e5v.server.thumbnails import Thumbnails, has_thumbnail
+from e5v.server.thumbnails import CONTENT_SIDE, Thumbnails, has_thumbnail, picture
 from e5v.wire.schema import quoted, refusal
 
 __all__ = ["CollectionInfo", "SearchHit", "SearchRequest", "SearchResponse", "add_search"]
@@ -51,6 +63,12 @@ logger = logging.getLogger(__name__)
 
 #: The most results a search returns.
 MAX_K = 200
+#: The largest side a result's picture (``content``) may be asked at, in pixels.
+MAX_CONTENT_SIDE = 2048
+#: The largest file ``GET /v1/records/{id}/file`` serves, in bytes.
+MAX_FILE_BYTES = 512 * 1024 * 1024
+#: Media types of the files an index reads, by suffix (images by :mod:`mimetypes`).
+MEDIA_TYPES = {".pdf": "application/pdf", ".txt": "text/plain; charset=utf-8", ".md": "text/plain; charset=utf-8"}
 
 T = TypeVar("T")
 
@@ -69,19 +87,49 @@ class SearchRequest(BaseModel):
     )
     k: int = Field(default=10, ge=1, le=MAX_K, description="how many results")
     kind: str | None = Field(default=None, description="only records of this kind: 'image', 'text', ...")
+    where: list[str] | dict[str, str | int | float | bool] | None = Field(
+        default=None,
+        description="filters, all of which must hold: a list of 'KEY=VALUE', 'KEY!=VALUE', 'page=2..5', "
+        "'path~TEXT', 'path^=/abs/prefix', 'text~WORDS', or an object of keys and the values they must equal",
+    )
+    group: Literal["page", "file", "none"] | None = Field(
+        default=None,
+        description="one hit per PDF page (or other file), per file, or per record; by default 'page' when the "
+        "collection holds PDF pages, else 'none'",
+    )
+    content: bool = Field(default=False, description="give each image or PDF page hit its picture (base64)")
+    content_size: int = Field(
+        default=CONTENT_SIDE, ge=64, le=MAX_CONTENT_SIDE, description="the picture's longest side, in pixels"
+    )
+
+
+class Content(BaseModel):
+    """A hit's picture for a multimodal LLM: a PDF page rendered (PNG) or an image file (JPEG)."""
+
+    media_type: Literal["image/png", "image/jpeg"]
+    width: int
+    height: int
+    data: str = Field(description="the picture's bytes, base64")
 
 
 class SearchHit(Hit):
-    """One result (:class:`~e5v.collection.repository.Hit`), with its thumbnail's URL for an
-    image or a rendered PDF page; a PDF page's number is in ``metadata``, with the record's
-    other public fields."""
+    """One result (:class:`~e5v.collection.repository.Hit`), with the URLs of its thumbnail
+    (an image or a PDF page) and file; a PDF page's number is in ``metadata``, with the
+    record's other public fields. A grouped hit adds ``kinds`` (its best record of each
+    kind: id, cosine score, rank) and ``pages`` (its PDF's page count); its ``score`` is
+    their reciprocal-rank fusion."""
 
     page: int | None = Field(default=None, exclude=True)
+    kinds: dict[str, KindMatch] | None = Field(default=None, description="a grouped hit's best record of each kind")
+    pages: int | None = Field(default=None, description="a grouped PDF page's page count")
     thumbnail: str | None = Field(default=None, description="GET this (with the key) for the image's thumbnail")
+    file: str = Field(description="GET this (with the key) for the file the record was indexed from")
+    content: Content | None = Field(default=None, description="with content: true, the image or page's picture")
 
 
 class SearchResponse(BaseModel):
     query: Literal["text", "image", "composed", "like"] = Field(description="what was searched with")
+    group: Literal["page", "file", "none"] = Field(description="how the hits are grouped")
     hits: list[SearchHit]
 
 
@@ -168,6 +216,10 @@ def add_search(
     async def answer(request: Request) -> SearchResponse:
         authorize(request)
         query = _parsed(await read_json(request, payload_limit))
+        try:
+            where = where_from(query.where)
+        except ConfigurationError as exc:
+            raise RequestError(400, str(exc), param="where") from None
         exclude: tuple[str, ...] = ()
         if query.like is not None:
             vector = (await record(query.like)).vector
@@ -180,8 +232,14 @@ def add_search(
             what = item.kind  # type: ignore[assignment]
             with slot():
                 vector = await _embed(item, embedder, scheduler, metrics)
-        found = await stored(store.nearest, vector, query.k, query.kind, exclude)
-        return SearchResponse(query=what, hits=[_hit(rank, row) for rank, row in enumerate(found, 1)])
+        group = query.group or await stored(default_group, store)
+        found = await stored(
+            search_store, store, vector, k=query.k, kind=query.kind, where=where, group=group, exclude=exclude
+        )
+        shown = [_hit(rank, result) for rank, result in enumerate(found, 1)]
+        if query.content:
+            shown = await asyncio.to_thread(_with_content, shown, found, query.content_size)
+        return SearchResponse(query=what, group=group, hits=shown)
 
     @app.get(
         "/v1/records/{record_id}/thumbnail",
@@ -199,7 +257,57 @@ def add_search(
         headers = {"Cache-Control": "private, max-age=300", "X-Content-Type-Options": "nosniff"}
         return Response(image, media_type="image/jpeg", headers=headers)
 
+    @app.get(
+        "/v1/records/{record_id}/file",
+        summary="The file a record was indexed from, while it is unchanged (a PDF whole: open it at #page=N)",
+        response_class=Response,
+        responses={
+            200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+            409: {"description": "the file has changed since it was indexed"},
+        },
+    )
+    async def file(record_id: str, request: Request) -> Response:
+        authorize(request)
+        found = await record(record_id)
+        data, media_type, name = await asyncio.to_thread(_indexed_file, found)
+        headers = {
+            "Cache-Control": "private, no-cache",
+            "X-Content-Type-Options": "nosniff",
+            "Content-Disposition": f"inline; filename*=UTF-8''{quote(name, safe='')}",
+        }
+        return Response(data, media_type=media_type, headers=headers)
+
     add_page(app)
+
+
+def _indexed_file(record: StoredRecord) -> tuple[bytes, str, str]:
+    """The bytes, media type and name of a record's file, read only while it is a regular
+    file holding the bytes that were indexed (a 404 if gone or unreadable, a 409 if changed)."""
+    path = Path(str(record.metadata.get("path")))
+    shown = printable_path(path)
+    if not os.path.lexists(path):
+        message = f"the file of record {record.id!r} ({shown}) is gone; run `e5v index --prune` to drop its records"
+        raise RequestError(404, message, param="id")
+    try:
+        with open_regular(path) as handle:
+            size = os.fstat(handle.fileno()).st_size
+            if size > MAX_FILE_BYTES:
+                raise RequestError(
+                    413, f"the file of record {record.id!r} ({shown}) is over {MAX_FILE_BYTES} bytes", param="id"
+                )
+            data = handle.read(size)
+    except InvalidInputError as exc:
+        message = f"cannot read the file of record {record.id!r} ({shown}): {exc.reason}"
+        raise RequestError(404, message, param="id") from None
+    except OSError as exc:
+        message = f"cannot read the file of record {record.id!r} ({shown}): {exc.strerror or exc}"
+        raise RequestError(404, message, param="id") from None
+    if sha256_bytes(data) != record.metadata.get("sha256"):
+        message = f"the file of record {record.id!r} ({shown}) has changed since it was indexed; run `e5v index` again"
+        raise RequestError(409, message, param="id")
+    suffix = path.suffix.lower()
+    media_type = MEDIA_TYPES.get(suffix) or mimetypes.guess_type(path.name)[0] or "application/octet-stream"
+    return data, media_type, path.name
 
 
 def _parsed(body: dict[str, Any]) -> SearchRequest:
@@ -271,7 +379,27 @@ def _too_many_pixels(scheduler: Scheduler) -> str:
     )
 
 
-def _hit(rank: int, row: StoredRecord) -> SearchHit:
-    hit = Hit.of(rank, row)
-    thumbnail = f"/v1/records/{quote(row.id, safe='')}/thumbnail" if has_thumbnail(row) else None
-    return SearchHit(**hit.model_dump(), thumbnail=thumbnail)
+def _hit(rank: int, result: Result | StoredRecord) -> SearchHit:
+    """The hit of a result (or of a record, ranked by itself)."""
+    if isinstance(result, StoredRecord):
+        result = Result(result, float(result.score or 0.0))
+    hit = result.hit(rank)
+    url = f"/v1/records/{quote(result.record.id, safe='')}"
+    thumbnail = f"{url}/thumbnail" if has_thumbnail(result.record) else None
+    return SearchHit(**hit.model_dump(), thumbnail=thumbnail, file=f"{url}/file")
+
+
+def _with_content(hits: list[SearchHit], found: list[Result], side: int) -> list[SearchHit]:
+    """The hits, each image or PDF page one with its picture (none where it cannot be drawn)."""
+    shown = []
+    for hit, result in zip(hits, found):
+        content = None
+        if has_thumbnail(result.record):
+            try:
+                drawn = picture(result.record, side)
+                fields = {"media_type": drawn.media_type, "width": drawn.width, "height": drawn.height}
+                content = Content.model_validate({**fields, "data": base64.b64encode(drawn.data).decode("ascii")})
+            except ThumbnailError as exc:
+                logger.warning("no picture for hit %d: %s", hit.rank, exc)
+        shown.append(hit.model_copy(update={"content": content}))
+    return shown

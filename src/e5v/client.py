@@ -125,6 +125,8 @@ class RemoteEmbedder:
             raise ConfigurationError(f"max_retry_after must be a number of seconds >= 0, got {max_retry_after!r}")
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.api_key = api_key if api_key is not None else os.environ.get(api_key_env_var)
+        self.api_key_env_var = api_key_env_var
+        self._key_source = "given as `api_key`" if api_key is not None else f"from ${api_key_env_var}"
         self.prompts = prompts
         self.timeout = float(timeout)
         self.retries = retries
@@ -407,10 +409,23 @@ class RemoteEmbedder:
         """``None`` for a 2xx answer, the seconds to wait before retrying a 429 or 503, else the e5v error."""
         if response.is_success:
             return None
+        if response.status_code == 401:
+            raise self._key_refused(self._url(path), response, content)
         failure = _refusal(self._url(path), response, content)
         if response.status_code in (429, 503):
             return self._pause(attempt, failure, _retry_after(response.headers.get("Retry-After")))
         raise failure
+
+    def _key_refused(self, url: str, response: httpx.Response, content: bytes) -> ConfigurationError:
+        """A 401: no key was sent (none given, ``$VARIABLE`` unset), or the one sent is wrong."""
+        if not self.api_key:
+            return ConfigurationError(
+                f"the e5v server at {url} needs an API key and none was sent; set ${self.api_key_env_var} to one "
+                "of its keys (or pass one: `RemoteEmbedder(api_key=...)`)"
+            )
+        return ConfigurationError(
+            f"the e5v server at {url} refused the API key {self._key_source}: {_server_message(response, content)}"
+        )
 
     def _pause(self, attempt: int, failure: E5VError, asked: float | None) -> float:
         """Seconds to wait before the next try; ``failure`` (or why not to wait) when there is none."""
@@ -676,21 +691,24 @@ def _answer_limit(count: int, info: dict[str, Any]) -> int:
     return _SMALL_ANSWER + count * (24 * int(info["dimension"]) + 1024)
 
 
-def _refusal(url: str, response: httpx.Response, content: bytes) -> E5VError:
-    """The server's refusal as the error the in-process embedder would raise."""
+def _server_message(response: httpx.Response, content: bytes) -> str:
+    """The message of the server's error answer, else what it sent."""
     try:
-        message = ErrorResponse.model_validate_json(content).error.message
+        return ErrorResponse.model_validate_json(content).error.message
     except ValidationError:
         kind = response.headers.get("Content-Type", "no Content-Type")
-        message = f"{kind}: {_excerpt(content)!r}"
+        return f"{kind}: {_excerpt(content)!r}"
+
+
+def _refusal(url: str, response: httpx.Response, content: bytes) -> E5VError:
+    """The server's refusal as the error the in-process embedder would raise (not a 401: see ``_key_refused``)."""
+    message = _server_message(response, content)
     status = response.status_code
     if status == 400:
         match = _ITEM_PREFIX.match(message)
         if match:
             return InvalidInputError(message[match.end() :], index=int(match.group(1)))
         return InvalidInputError(message)
-    if status == 401:
-        return ConfigurationError(f"the e5v server at {url} refused the API key: {message}")
     return EmbeddingError(f"the e5v server answered {status} to {url}: {message}")
 
 

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
 import os
+import socket
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -20,6 +23,8 @@ __all__ = ["register"]
 
 from e5v.client import API_KEY_ENV_VAR as API_KEY_VARIABLE  # may hold several keys, comma-separated
 
+logger = logging.getLogger(__name__)
+
 EPILOG = f"""\
 POST /v1/embeddings takes OpenAI's request: "input" is a string or a list of items,
 each a text, an image ({{"type": "image_url", "image_url": {{"url": "data:image/png;base64,..."}}}}),
@@ -28,9 +33,16 @@ a list of text and image parts (one interleaved vector), or a composed query
 requests are embedded together, in token-budgeted batches. The schema is at /docs;
 also GET /v1/models, /health, /ready, /info, /metrics.
 
-With --db, the collection made by `e5v index` is served too, with its own model:
-a search page at / (text, image, or both: a composed query; "more like this";
+With --db (or --chroma-url), the collection made by `e5v index` is served too, with its
+own model: a search page at / (text, image, or both: a composed query; "more like this";
 thumbnails), and POST /v1/search, GET /v1/records/ID/thumbnail, GET /v1/collection.
+
+At start the server says on stderr the model, whether keys are on, the collection and
+the URLs, then one "ready" line with the dimension, device and dtype once the model has
+loaded. A port in use is one error line (exit 2), said before anything loads. Every
+answer carries x-request-id (the request's own, else a new one); /v1/embeddings and
+/v1/search also x-total-time, x-queue-time, x-inference-time (ms) and x-compute-tokens.
+--access-log logs one line a request (not the page's files or thumbnails).
 
 Keys: --api-key (repeatable), --api-key-file (one a line) or ${API_KEY_VARIABLE}
 (comma-separated); with any, /v1/* needs "Authorization: Bearer KEY" (the page asks for
@@ -79,11 +91,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--db", metavar="DIR", default=None, help="serve this Chroma database folder's collection too"
     )
     collection.add_argument(
-        "--collection", metavar="NAME", default="e5v", help="the collection to serve, with --db (default: e5v)"
+        "--chroma-url", metavar="URL", default=None, help="serve a collection of this Chroma server instead of a --db"
+    )
+    collection.add_argument(
+        "--collection",
+        metavar="NAME",
+        default="e5v",
+        help="the collection to serve, with --db or --chroma-url (default: e5v)",
     )
     http = parser.add_argument_group("server")
     http.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    http.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    http.add_argument("--port", type=port_option, default=8000, help="port, 0 for any free one (default: 8000)")
     http.add_argument(
         "--api-key",
         action="append",
@@ -165,6 +183,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="fetch http(s) image URLs (public addresses only, size-capped); default: inline data only",
     )
     http.add_argument(
+        "--access-log",
+        action="store_true",
+        help="log one line a request: client, method, path, status, ms, request id (not the page's files or "
+        "thumbnails; default: off)",
+    )
+    http.add_argument(
         "--no-batching",
         dest="batching",
         action="store_false",
@@ -179,28 +203,50 @@ def run(args: argparse.Namespace) -> int:
     require("fastapi", "serve")
     uvicorn = require("uvicorn", "serve")
     require("prometheus_client", "serve")
+    from e5v.errors import ConfigurationError
+    from e5v.server.http import loopback
+
+    keys = _keys(args)
+    served = args.db is not None or args.chroma_url is not None
+    if args.db is not None and args.chroma_url is not None:
+        raise ConfigurationError("--db and --chroma-url both name a collection's database; give one of them")
+    if served and not keys and not loopback(args.host):
+        flag = "--db" if args.db is not None else "--chroma-url"
+        raise ConfigurationError(
+            f"{flag} serves the collection's files, so --host {args.host} needs a key: set --api-key KEY (or "
+            f"${API_KEY_VARIABLE}), or leave --host at 127.0.0.1"
+        )
+    listener = listen(args.host, args.port)  # a port in use is said before anything loads
+    try:
+        return _serve(args, keys, listener, uvicorn)
+    finally:
+        listener.close()
+
+
+def _serve(args: argparse.Namespace, keys: list[str], listener: socket.socket, uvicorn: Any) -> int:
+    """Serve on ``listener`` until stopped: say what is served, then hand it to uvicorn."""
     from e5v.cli.common import embedder_from_args
     from e5v.errors import ConfigurationError
     from e5v.server.app import ServerConfig, create_app
-    from e5v.server.http import allowed_hosts, bounded_protocol, loopback
+    from e5v.server.http import allowed_hosts, bounded_protocol
     from e5v.server.memory import keep_freed_memory
 
-    keys = _keys(args)
-    if args.db is not None and not keys and not loopback(args.host):
-        raise ConfigurationError(
-            f"--db serves the collection's files, so --host {args.host} needs a key: set --api-key KEY (or "
-            f"${API_KEY_VARIABLE}), or leave --host at 127.0.0.1"
-        )
+    if not args.quiet:  # the start-up lines and the ready line, without -v
+        for name in (__name__, "e5v.server"):
+            said = logging.getLogger(name)
+            said.setLevel(min(said.getEffectiveLevel(), logging.INFO))
     options: dict[str, object] = {"allow_remote": args.allow_remote_images}
     if args.max_batch_tokens is not None:
         options["max_batch_tokens"] = args.max_batch_tokens
-    if args.db is not None:
+    if args.db is not None or args.chroma_url is not None:
         store, model, load = _collection(args, options)
     else:
         args.model = args.model or DEFAULT_MODEL
         store, model, load = None, args.model, partial(embedder_from_args, args, **options)
+    name = args.served_model_name or model
+    _say_what_is_served(args, model, name, keys, store, listener)
     config = ServerConfig(
-        model_name=args.served_model_name or model,
+        model_name=name,
         load=load,
         store=store,
         api_keys=keys,
@@ -213,6 +259,7 @@ def run(args: argparse.Namespace) -> int:
         body_timeout=args.body_timeout,
         allowed_hosts=allowed_hosts(args.host, keyed=bool(keys), extra=args.allowed_hosts),
         cors_origins=args.cors_origin,
+        access_log=args.access_log,
     )
     keep_freed_memory()  # before the model loads: rounds reuse their memory
     server = uvicorn.Server(
@@ -223,11 +270,96 @@ def run(args: argparse.Namespace) -> int:
             http=bounded_protocol(header_timeout=args.header_timeout, max_connections=args.max_connections),
             timeout_keep_alive=args.keep_alive_timeout,
             timeout_graceful_shutdown=args.graceful_shutdown_timeout,
-            log_level="warning" if args.quiet else "info",
+            log_config=None,  # uvicorn's records go to e5v's one stderr handler
+            log_level="info" if args.verbose else "warning",  # its start-up lines only with -v: e5v says its own
+            access_log=False,  # e5v.server.http.AccessLog, with --access-log
         )
     )
-    server.run()
+    try:
+        server.run(sockets=[listener])
+    except OSError as exc:
+        raise ConfigurationError(_cannot_listen(args.host, args.port, exc)) from None
+    except SystemExit as exc:  # uvicorn's way out when it cannot start; it has logged why
+        raise ConfigurationError(
+            f"the server could not start on {args.host}:{args.port} (uvicorn's status {exc.code}; its reason is "
+            "logged above)"
+        ) from None
     return 0 if server.started else 1
+
+
+def port_option(value: str) -> int:
+    """``--port``: 0 (any free port) to 65535."""
+    try:
+        number = int(value)
+    except ValueError:
+        number = -1
+    if not 0 <= number <= 65535:
+        raise argparse.ArgumentTypeError(f"expected a port from 0 to 65535, got {value!r}")
+    return number
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host``:``port`` (for uvicorn to listen on). Raises
+    :class:`~e5v.errors.ConfigurationError` saying why not: the port is in use, needs
+    privileges, or ``host`` is no address of this machine."""
+    from e5v.errors import ConfigurationError
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host.strip("[]"), port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except (socket.gaierror, UnicodeError) as exc:
+        raise ConfigurationError(
+            f"--host {host} is not an address or name this machine can bind ({exc}); give an address such as "
+            "127.0.0.1 or 0.0.0.0"
+        ) from None
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: a restart can reuse the port
+        sock.bind(address)
+    except OSError as exc:
+        sock.close()
+        raise ConfigurationError(_cannot_listen(host, port, exc)) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _cannot_listen(host: str, port: int, exc: OSError) -> str:
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"port {port} on {host} is in use (another server, or another `e5v serve`, listens there); pick a free "
+            "--port, or stop what holds it"
+        )
+    if exc.errno == errno.EACCES:
+        return f"port {port} on {host} needs privileges this process lacks; pick --port 1024 or above"
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"--host {host} is not an address of this machine; give one of its addresses, 127.0.0.1 or 0.0.0.0"
+    return f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --host or --port"
+
+
+def _url(host: str, port: int) -> str:
+    """The URL of the server bound to ``host``:``port``, as a browser on this machine reaches it."""
+    if host in ("0.0.0.0", "::", "[::]", ""):
+        host = "127.0.0.1"
+    return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{port}"
+
+
+def _say_what_is_served(
+    args: argparse.Namespace, model: str, name: str, keys: list[str], store: Store | None, listener: socket.socket
+) -> None:
+    """The start-up lines: the model, the keys, the collection, the URLs."""
+    logger.info("model: %s%s, loading", model, "" if name == model else f", served as {name!r}")
+    if keys:
+        logger.info("keys: on (%d); /v1/* needs Authorization: Bearer KEY", len(keys))
+    else:
+        logger.info("keys: off; anyone who can reach %s:%s may use /v1/*", args.host, listener.getsockname()[1])
+    url = _url(args.host, listener.getsockname()[1])
+    if store is not None:
+        where = args.chroma_url or args.db
+        records = store.count()
+        logger.info("collection: %r in %s, %d record%s", store.name, where, records, "" if records == 1 else "s")
+        logger.info("search page: %s/", url)
+    logger.info("listening on %s (API docs: %s/docs)", url, url)
 
 
 def seconds(value: str) -> float:
@@ -280,11 +412,12 @@ def _collection(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Stor
     from e5v.core.embedder import E5VEmbedder
     from e5v.errors import StoreError
 
-    store = Store(args.db, args.collection)
+    store = Store(args.db or ".", args.collection, url=args.chroma_url)
     if store.count() == 0:
+        where, option = (args.db, "--db") if args.chroma_url is None else (args.chroma_url, "--chroma-url")
         raise StoreError(
-            f"collection {args.collection!r} in {args.db!r} holds no records yet; index files first with "
-            f"`e5v index PATH --db {args.db}`"
+            f"collection {args.collection!r} in {where!r} holds no records yet; index files first with "
+            f"`e5v index PATH {option} {where} --collection {args.collection}`"
         )
     model = store.model(args.model, args.revision)
     binding = store.binding

@@ -5,7 +5,9 @@ Routes: ``POST /v1/embeddings`` (OpenAI's shape, multimodal items), ``GET /v1/mo
 ``GET /metrics`` (Prometheus). ``/v1/*`` needs ``Authorization: Bearer KEY`` when keys
 are set. Once the server listens, the model loads on a thread that then runs every round.
 With a collection (``ServerConfig.store``), also the search endpoints and the page of
-:mod:`e5v.server.search`.
+:mod:`e5v.server.search`. Every answer carries an ``x-request-id``, and those of
+``/v1/embeddings`` and ``/v1/search`` text-embeddings-inference's timing headers
+(:mod:`e5v.server.http`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent.futures import Future
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -42,7 +45,7 @@ from e5v.errors import (
 )
 from e5v.model.identity import model_identity
 from e5v.server.errors import LastResort, error_response
-from e5v.server.http import CloseOn408, HostCheck
+from e5v.server.http import AccessLog, CloseOn408, HostCheck, RequestHeaders, timing
 from e5v.server.metrics import Metrics
 from e5v.server.openapi import PROMETHEUS, add_docs, build_openapi
 from e5v.server.scheduler import (
@@ -79,10 +82,29 @@ class ServerConfig:
     body_timeout: float = 30.0  # seconds for a request's body to arrive; after: 408, connection closed
     allowed_hosts: list[str] | None = None  # the Host names answered (any port); None: any (see e5v.server.http)
     cors_origins: list[str] = field(default_factory=list)  # origins allowed cross-origin; none: CORS off
+    access_log: bool = False  # one log line a request (e5v.server.http.AccessLog)
 
     def __post_init__(self) -> None:
         if any(not key.strip() for key in self.api_keys):
             raise ConfigurationError("an API key is empty or whitespace; give real keys, or none for an open server")
+
+
+class _TimedScheduler(Scheduler):
+    """The server's scheduler: each job's queue and model times and tokens are added to the
+    :class:`~e5v.server.http.Timing` of the request that submitted it, for its headers."""
+
+    def submit(self, requests: list[Any], bodies: dict[str, str]) -> Future[Embedded]:
+        future = super().submit(requests, bodies)
+        timed = timing()
+        if timed is not None:
+
+            def note(done: Future[Embedded]) -> None:
+                if not done.cancelled() and done.exception() is None:
+                    result = done.result()
+                    timed.add(result.queue_seconds, result.inference_seconds, int(sum(result.tokens)))
+
+            future.add_done_callback(note)  # before the route's own: it runs first
+        return future
 
 
 class _State:
@@ -107,13 +129,14 @@ def create_app(config: ServerConfig) -> FastAPI:
         metrics.round_seconds.observe(stats.seconds)
 
     def load() -> None:
+        started = time.perf_counter()
         try:
             embedder = config.load()
         except Exception as exc:
             state.failure = f"{type(exc).__name__}: {exc}"
             logger.error("the model failed to load: %s", state.failure)
             return
-        scheduler = Scheduler(
+        scheduler = _TimedScheduler(
             embedder,
             batching=config.batching,
             max_queued_items=config.max_queued_items,
@@ -123,7 +146,14 @@ def create_app(config: ServerConfig) -> FastAPI:
         )
         state.model_id = model_identity(embedder.model_name)
         state.scheduler, state.embedder = scheduler, embedder
-        logger.info("ready: %s (%d-d) on %s", embedder.model_name, embedder.dimension, embedder.device)
+        logger.info(
+            "ready: %s, %d-d, on %s in %s, loaded in %.1f s",
+            config.model_name,
+            embedder.dimension,
+            embedder.device,
+            str(embedder.dtype).removeprefix("torch."),
+            time.perf_counter() - started,
+        )
         scheduler.serve()  # on the thread that loaded the model
 
     @asynccontextmanager
@@ -178,15 +208,20 @@ def create_app(config: ServerConfig) -> FastAPI:
     def authorize(request: Request) -> None:
         if not config.api_keys:
             return
-        scheme, _, given = request.headers.get("authorization", "").partition(" ")
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
         given = given.strip()
         matched = False
         for key in config.api_keys:  # every key compared, in constant time
             matched |= hmac.compare_digest(given.encode(), key.encode())
-        if scheme.lower() != "bearer" or not given or not matched:
-            raise RequestError(
-                401, "missing or wrong API key; send Authorization: Bearer KEY", kind="authentication_error"
-            )
+        if not scheme or (scheme.lower() == "bearer" and not given):
+            message = "no API key was sent, and this server needs one; send the header Authorization: Bearer KEY"
+        elif scheme.lower() != "bearer":
+            message = f"the Authorization header must be Bearer KEY, not {quoted(scheme)} ...; send Bearer KEY"
+        elif not matched:
+            message = "the API key sent is not one of this server's keys; check it (Authorization: Bearer KEY)"
+        else:
+            return
+        raise RequestError(401, message, kind="authentication_error")
 
     @app.get("/health", summary="Liveness: the process answers")
     async def health() -> dict[str, str]:
@@ -329,7 +364,10 @@ def create_app(config: ServerConfig) -> FastAPI:
 
     add_docs(app)
     app.openapi = lambda: build_openapi(app, keyed=bool(config.api_keys))  # type: ignore[method-assign]
-    app.add_middleware(LastResort)  # added last: the outermost, so nothing escapes it
+    app.add_middleware(LastResort)  # outside every route and check, so nothing escapes it
+    app.add_middleware(RequestHeaders)  # outside LastResort, which only adds headers: its 500s get an id too
+    if config.access_log:
+        app.add_middleware(AccessLog)  # the outermost: every answer, with its status and id
     return app
 
 

@@ -2,7 +2,8 @@
 
 :func:`build_openapi` documents every route's request and response bodies, and each 4xx
 and 5xx it can answer in the error shape (:class:`~e5v.wire.schema.ErrorResponse`),
-with ``Retry-After`` on 429 and 503. :func:`add_docs` serves Swagger UI 5 (the first to
+with ``Retry-After`` on 429 and 503, ``x-request-id`` on every answer and the timing
+headers on those of ``/v1/embeddings`` and ``/v1/search``. :func:`add_docs` serves Swagger UI 5 (the first to
 read OpenAPI 3.1, which FastAPI writes) from the ``fastapi-swagger`` package's files, so
 ``/docs`` works offline, under a Content-Security-Policy that allows nothing from elsewhere
 and no inline script.
@@ -22,6 +23,7 @@ from starlette.responses import FileResponse, Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
+from e5v.server.http import REQUEST_ID_CHARS, TIMED_PATHS, TIMING_HEADERS
 from e5v.wire.schema import EmbeddingRequest, EmbeddingResponse, ErrorResponse
 
 __all__ = ["DOCS_CONTENT_SECURITY_POLICY", "PROMETHEUS", "Readiness", "add_docs", "build_openapi"]
@@ -70,8 +72,23 @@ _ERRORS: dict[tuple[str, str], tuple[int, ...]] = {
     ("post", "/v1/search"): (*_BODY, 401, 404, 429, 503),
     ("get", "/v1/collection"): (401,),
     ("get", "/v1/records/{record_id}/thumbnail"): (401, 404),
+    ("get", "/v1/records/{record_id}/file"): (401, 404),
 }
 _RETRY_AFTER = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+_REQUEST_ID = {
+    "x-request-id": {
+        "description": f"the request's own x-request-id (characters other than letters, digits and ._:/+=@- "
+        f"dropped, cut to {REQUEST_ID_CHARS}), else a new id",
+        "schema": {"type": "string"},
+    }
+}
+_TIMING = {
+    name: {
+        "description": meaning + ("" if name == "x-total-time" else "; only when something was embedded"),
+        "schema": {"type": "integer"},
+    }
+    for name, meaning in TIMING_HEADERS.items()
+}
 
 
 def build_openapi(app: FastAPI, *, keyed: bool) -> dict[str, Any]:
@@ -107,7 +124,7 @@ def _document(path: str, method: str, operation: dict[str, Any], keyed: bool) ->
         responses["200"] = _json(200, "One vector per item, in order", "EmbeddingResponse")
     if path == "/ready":
         responses["200"] = _json(200, "Ready", "Readiness")
-        responses["503"] = {**_json(503, "Loading", "Readiness"), "headers": _RETRY_AFTER}
+        responses["503"] = {**_json(503, "Loading", "Readiness"), "headers": dict(_RETRY_AFTER)}
         responses["500"] = {
             "description": "The model failed to load (Readiness), or an unexpected error (the error shape)",
             "content": {"application/json": {"schema": {"anyOf": [_ref("Readiness"), _ref("ErrorResponse")]}}},
@@ -118,7 +135,12 @@ def _document(path: str, method: str, operation: dict[str, Any], keyed: bool) ->
         if (status != 401 or keyed) and str(status) not in responses:
             responses[str(status)] = _json(status, _MEANINGS[status], "ErrorResponse")
             if status in (429, 503):
-                responses[str(status)]["headers"] = _RETRY_AFTER
+                responses[str(status)]["headers"] = dict(_RETRY_AFTER)
+    for status, response in responses.items():
+        headers = response.setdefault("headers", {})
+        headers.update(_REQUEST_ID)
+        if path in TIMED_PATHS and status == "200":
+            headers.update(_TIMING)
 
 
 def _json(status: int, description: str, model: str) -> dict[str, Any]:

@@ -71,10 +71,14 @@ PREPARED_ROUNDS_AHEAD = 4
 
 @dataclass(frozen=True)
 class Embedded:
-    """A job's vectors (one row per request, in order) and each request's prompt tokens."""
+    """A job's vectors (one row per request, in order) and each request's prompt tokens;
+    ``queue_seconds``: from submitting the job to its first round (preparing included),
+    ``inference_seconds``: from then to its last vector (0 when all came from the cache)."""
 
     vectors: np.ndarray
     tokens: list[int]
+    queue_seconds: float = 0.0
+    inference_seconds: float = 0.0
 
 
 @dataclass
@@ -102,6 +106,8 @@ class _Job:
     done: int = 0
     pixels: int = 0
     ended: bool = False
+    submitted: float = field(default_factory=time.perf_counter)
+    first_round: float | None = None  # when a round first embedded its items
 
     @property
     def unprepared(self) -> bool:
@@ -210,6 +216,9 @@ class Scheduler:
         torch.set_num_threads(torch.get_num_threads())
         while (dealt := self._next_round()) is not None:
             start = time.perf_counter()
+            for job, _, _ in dealt:
+                if job.first_round is None:
+                    job.first_round = start
             self._run(dealt)
             stats = RoundStats(
                 len({id(job) for job, _, _ in dealt}),
@@ -383,7 +392,9 @@ class Scheduler:
                 return
             job.ended = True
         if job.future.set_running_or_notify_cancel():
-            job.future.set_result(Embedded(job.vectors, job.tokens))
+            now = time.perf_counter()
+            began = now if job.first_round is None else job.first_round
+            job.future.set_result(Embedded(job.vectors, job.tokens, began - job.submitted, now - began))
 
     def _end(self, job: _Job, error: BaseException) -> None:
         """Drop a job's items still waiting and give it ``error``."""

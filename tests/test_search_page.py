@@ -1,7 +1,7 @@
 """The search page of ``e5v serve --db``, driven in a real headless Chromium (Playwright
 from PyPI, Debian's ``chromium``) against real server subprocesses over ``examples/data``
 indexed by ``e5v index`` with a tiny checkpoint: one open server on loopback, one with a
-key whose corpus also holds a hostile file name and note. Writes docs/search-page.png."""
+key whose corpus also holds a hostile file name and note. PDF pages: tests/test_search_page_pdf.py."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples" / "data"
 #: examples/data's photos and notes only: the counts below are theirs (PDFs have tests of their own)
 ONLY_PHOTOS_AND_NOTES = shutil.ignore_patterns("*.pdf")
-SCREENSHOT = ROOT / "docs" / "search-page.png"
 XSS_NAME = "<img src=x onerror=alert(1)>.png"
 XSS_NOTE = "A note that tries <script>window.pwned = 1; alert('note')</script> and <b onmouseover=alert(2)>bold</b>.\n"
 TIMEOUT_MS = 60_000
@@ -162,7 +161,11 @@ def test_a_text_query_shows_results_reachable_by_tab(tab: Tab, open_server) -> N
         if tab.page.evaluate("document.activeElement.classList.contains('card')"):
             break
     assert tab.page.evaluate("document.activeElement.dataset.id") == cards[0]["id"]
-    tab.page.keyboard.press("Tab")
+    for _ in range(4):  # the card's own buttons: its picture or passage, Open, then More like this
+        tab.page.keyboard.press("Tab")
+        if tab.page.evaluate("document.activeElement.textContent") == "More like this":
+            break
+    assert tab.page.evaluate("document.activeElement.closest('.card').dataset.id") == cards[0]["id"]
     assert tab.page.evaluate("document.activeElement.textContent") == "More like this"
 
 
@@ -248,21 +251,29 @@ def test_more_like_this_searches_by_a_result(tab: Tab, open_server) -> None:
     assert len(tab.results(10)) == 10
 
 
-def test_a_bad_upload_says_why(tab: Tab, open_server, tmp_path: Path) -> None:
+def test_a_bad_upload_clears_the_results_and_says_why_in_words(tab: Tab, open_server, tmp_path: Path) -> None:
     notes = tmp_path / "notes.txt"
     notes.write_text("not a picture")
+    tab.query("a cat")
+    tab.results(10)
     tab.page.set_input_files("#file", str(notes))
     tab.page.wait_for_selector("#error:not([hidden])")
     assert tab.page.text_content("#error") == (
         "“notes.txt” is not an image (text/plain); choose a JPEG, PNG, WebP, GIF, BMP or TIFF file."
     )
+    assert tab.page.query_selector_all(".card") == [] and tab.page.text_content("#status") == ""
+    tab.query("a cat")
+    tab.results(10)
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n but then nothing of a picture")
     tab.page.set_input_files("#file", str(broken))
     tab.page.wait_for_function("() => document.getElementById('error').textContent.includes('readable')")
     message = tab.page.text_content("#error")
-    assert message.startswith("image: bytes of length 38 is not a readable image") and "PNG, JPEG" in message
-    assert tab.page.text_content("#status") == ""
+    assert message.startswith("“broken.png” cannot be searched: bytes of length 38 is not a readable image")
+    assert "(Pillow cannot identify its format)" in message and "PNG, JPEG" in message
+    assert "<" not in message and "0x" not in message  # no Python object's repr
+    assert tab.page.query_selector_all(".card") == [] and tab.page.text_content("#status") == ""
+    assert tab.page.is_hidden("#image-chosen")
 
 
 def test_empty_query_and_no_results_states(tab: Tab) -> None:
@@ -334,10 +345,8 @@ def test_hostile_names_and_notes_render_as_text(browser, locked_server) -> None:
         f".card[data-id='{hostile_id}'] .thumb img", "img => [img.alt, img.naturalWidth]"
     )
     assert hostile == [XSS_NAME, 400]
-    facts = tab.page.eval_on_selector_all(
-        f".card[data-id='{hostile_id}'] .meta", "spans => spans.map(s => s.textContent)"
-    )
-    assert sorted(facts) == ["caption <img src=x onerror=alert(3)>", "page 7"]
+    facts = tab.page.text_content(f".card[data-id='{hostile_id}'] .facts")
+    assert "caption" not in facts and "page" not in facts  # no metadata field on a card, a photo has no page
     tab.page.hover(".snippet")
     assert tab.dialogs == []
     tab.close()
@@ -363,10 +372,8 @@ def test_a_locked_server_asks_for_the_key(browser, locked_server) -> None:
     tab.page.wait_for_function("() => document.getElementById('collection').textContent.startsWith('Locked')")
     assert tab.page.text_content("#collection") == "Locked: this server needs an API key."
     assert ("/v1/collection", 401, None) in answers
-    tab.query("a cat")
-    tab.page.wait_for_selector("#error:not([hidden])")
-    assert tab.page.text_content("#error") == "This server needs an API key: enter it above."
-    assert ("/v1/search", 401, None) in answers
+    for control in ("#text", "#go", "#kind", "#group", "#where", "#k", "#file"):
+        assert tab.page.is_disabled(control), control  # the search form waits behind the key
     assert tab.page.query_selector_all(".card") == []
 
     tab.page.fill("#key", "wrong-key")
@@ -375,29 +382,13 @@ def test_a_locked_server_asks_for_the_key(browser, locked_server) -> None:
     tab.page.fill("#key", KEY)
     tab.page.press("#key", "Enter")
     tab.ready()
-    assert tab.page.is_hidden("#key-form")
-    cards = tab.results(12)  # the search asked before the key, run again with it
+    assert tab.page.is_hidden("#key-form") and tab.page.is_enabled("#text")
+    tab.query("a cat")
+    cards = tab.results(12)
     assert cards[0]["id"] == api(url, {"text": "a cat", "k": 12}, key=KEY)[0]
     tab.thumbnails_loaded()
     assert ("/v1/search", 200, f"Bearer {KEY}") in answers
     assert any(path.endswith("/thumbnail") and status == 200 for path, status, _ in answers)
     assert tab.page.evaluate("sessionStorage.getItem('e5v-api-key')") == KEY
     assert tab.page.evaluate("localStorage.length") == 0
-    tab.close()
-
-
-# -- the README's screenshot ---------------------------------------------------------
-
-
-def test_a_screenshot_for_the_readme(browser, open_server) -> None:
-    url, corpus = open_server
-    tab = Tab(browser, url)
-    tab.ready()
-    tab.page.set_input_files("#file", str(corpus / "chelsea.png"))
-    tab.results(10)
-    tab.thumbnails_loaded()
-    tab.page.focus("#text")
-    SCREENSHOT.parent.mkdir(exist_ok=True)
-    tab.page.screenshot(path=str(SCREENSHOT))
-    assert Image.open(SCREENSHOT).size == (1280, 800)
     tab.close()

@@ -3,6 +3,7 @@
 
 const KEY_STORAGE = "e5v-api-key";
 const KIND_LABELS = { image: "images", text: "texts" };
+const KIND_NAMES = { image: "image", text: "text", interleaved: "image and text" };
 const IMAGE_TYPES = "a JPEG, PNG, WebP, GIF, BMP or TIFF file";
 
 const $ = (id) => document.getElementById(id);
@@ -10,13 +11,21 @@ const form = $("search");
 const text = $("text");
 const fileInput = $("file");
 const kindSelect = $("kind");
+const groupSelect = $("group");
+const whereInput = $("where");
 const kInput = $("k");
 const results = $("results");
+const go = $("go");
+// a filter starts where a KEY and its operator follow a space: "path~my notes page=1..2"
+const FILTER_START = /\s+(?=[A-Za-z_][\w.-]*\s*(?:!=|\^=|~|=))/;
 
 const state = {
   image: null, // {name, base64, previewUrl}
   like: null, // {id, name}
-  last: null, // the last search asked: re-run when the key, kind or k changes
+  last: null, // the last search asked: re-run when the key, kind, group, filter or k changes
+  waiting: null, // a search asked while the model loads: run once it is ready
+  locked: false, // the key form is open: the search form waits behind it
+  polling: false, // a check of the model's readiness is due
   thumbnailUrls: [],
   searches: 0,
 };
@@ -63,10 +72,19 @@ function askForKey(message) {
   const keyError = $("key-error");
   keyError.textContent = message;
   keyError.hidden = !message;
+  lock(true);
   if (keyForm.hidden) {
     keyForm.hidden = false;
     $("key").focus();
   }
+}
+
+/** The search form's controls, off while the key form is open. */
+function lock(locked) {
+  state.locked = locked;
+  for (const control of form.elements) control.disabled = locked;
+  form.classList.toggle("locked", locked);
+  form.setAttribute("aria-disabled", String(locked));
 }
 
 $("key-form").addEventListener("submit", (event) => {
@@ -76,6 +94,7 @@ $("key-form").addEventListener("submit", (event) => {
   sessionStorage.setItem(KEY_STORAGE, key);
   $("key").value = "";
   $("key-form").hidden = true;
+  lock(false);
   showError("");
   loadCollection().then((ok) => {
     if (ok && state.last) run(state.last);
@@ -94,7 +113,17 @@ async function loadCollection() {
     line.title = info.model + (info.revision ? ` @ ${info.revision}` : "");
     if (!info.ready) {
       line.textContent += " · loading the model…";
-      setTimeout(loadCollection, 2000);
+      if (!state.polling) {
+        state.polling = true;
+        setTimeout(() => {
+          state.polling = false;
+          loadCollection();
+        }, 1000);
+      }
+    } else if (state.waiting) {
+      const search = state.waiting;
+      state.waiting = null;
+      run(search);
     }
     fillKinds(Object.keys(info.kinds));
     return true;
@@ -117,11 +146,11 @@ function fillKinds(kinds) {
 function chooseImage(file) {
   if (!file) return;
   if (file.type && !file.type.startsWith("image/")) {
-    showError(`“${file.name}” is not an image (${file.type}); choose ${IMAGE_TYPES}.`);
+    refuseUpload(`“${file.name}” is not an image (${file.type}); choose ${IMAGE_TYPES}.`);
     return;
   }
   const reader = new FileReader();
-  reader.onerror = () => showError(`“${file.name}” could not be read (${reader.error && reader.error.message}).`);
+  reader.onerror = () => refuseUpload(`“${file.name}” could not be read; choose ${IMAGE_TYPES}.`);
   reader.onload = () => {
     clearImage();
     const dataUrl = String(reader.result);
@@ -133,6 +162,15 @@ function chooseImage(file) {
     submit();
   };
   reader.readAsDataURL(file);
+}
+
+/** A file that cannot be a query: the old results go, and the reason is said. */
+function refuseUpload(message) {
+  clearImage();
+  clearResults();
+  state.last = null;
+  setStatus("");
+  showError(message);
 }
 
 function clearImage() {
@@ -178,7 +216,8 @@ document.addEventListener("paste", (event) => {
 function options() {
   const k = Math.min(200, Math.max(1, Number.parseInt(kInput.value, 10) || 12));
   kInput.value = String(k);
-  return { k, kind: kindSelect.value || null };
+  const where = whereInput.value.trim() ? whereInput.value.trim().split(FILTER_START) : null;
+  return { k, kind: kindSelect.value || null, group: groupSelect.value || null, where };
 }
 
 function submit() {
@@ -191,7 +230,8 @@ function submit() {
     return;
   }
   const what = state.image ? (query ? "composed query" : "image query") : "text query";
-  run({ body: { text: query || null, image: state.image ? state.image.base64 : null }, what });
+  const image = state.image ? { name: state.image.name } : null;
+  run({ body: { text: query || null, image: state.image ? state.image.base64 : null }, what, image });
 }
 
 function moreLike(hit) {
@@ -214,7 +254,15 @@ async function run(search) {
     const answer = await response.json();
     if (number === state.searches) show(answer.hits, search.what);
   } catch (error) {
-    if (number === state.searches) {
+    if (number !== state.searches) return;
+    if (error.status === 503) {
+      state.waiting = search; // run by loadCollection once the model is ready
+      setStatus("The model is loading; your search runs as soon as it is ready.");
+      if (!state.polling) loadCollection();
+    } else if (error.status === 400 && search.image && /^image:/.test(error.message)) {
+      clearImage();
+      refuseUpload(`“${search.image.name}” cannot be searched: ${error.message.replace(/^image:\s*/, "")}`);
+    } else {
       setStatus("");
       showError(error.message);
     }
@@ -230,7 +278,7 @@ form.addEventListener("submit", (event) => {
   event.preventDefault();
   submit();
 });
-for (const control of [kindSelect, kInput]) {
+for (const control of [kindSelect, groupSelect, kInput, whereInput]) {
   control.addEventListener("change", () => {
     if (state.last) run(state.last);
   });
@@ -242,9 +290,14 @@ $("clear-like").addEventListener("click", () => {
 
 // -- results ----------------------------------------------------------------------
 
-function show(hits, what) {
+function clearResults() {
   for (const url of state.thumbnailUrls) URL.revokeObjectURL(url);
   state.thumbnailUrls = [];
+  results.replaceChildren();
+}
+
+function show(hits, what) {
+  clearResults();
   results.replaceChildren(...hits.map(card));
   if (!hits.length) {
     const kind = kindSelect.value ? ` among ${KIND_LABELS[kindSelect.value] || kindSelect.value}` : "";
@@ -254,25 +307,58 @@ function show(hits, what) {
   }
 }
 
+/** What a hit is: "page 2 of 5", a passage's number (as stored, from 0, as the CLI shows it). */
+function where(hit) {
+  const page = hit.metadata && Number.isInteger(hit.metadata.page) && hit.path.toLowerCase().endsWith(".pdf")
+    ? hit.metadata.page
+    : null;
+  const parts = [];
+  if (page !== null) parts.push(hit.pages ? `page ${page} of ${hit.pages}` : `page ${page}`);
+  if (hit.passage !== null && hit.passage !== undefined) parts.push(`passage ${hit.passage}`);
+  return { page, text: parts.join(" · ") };
+}
+
 function card(hit) {
   const name = fileName(hit.path);
+  const place = where(hit);
+  const kinds = hit.kinds ? Object.keys(hit.kinds) : [hit.kind];
   const item = element("li", "result");
-  const article = element("article", `card ${hit.kind}`);
+  const article = element("article", `card ${hit.kind}${hit.kinds ? " grouped" : ""}`);
   article.tabIndex = 0;
   article.dataset.id = hit.id;
   article.dataset.kind = hit.kind;
-  article.setAttribute("aria-label", `Result ${hit.rank}: ${hit.kind} ${name}, score ${hit.score.toFixed(3)}`);
+  const label = place.text ? `${name}, ${place.text}` : name;
+  article.setAttribute("aria-label", `Result ${hit.rank}: ${label}, score ${score(hit)}`);
 
   if (hit.thumbnail) {
-    const frame = element("div", "thumb");
+    const frame = element("button", "thumb");
+    frame.type = "button";
+    frame.title = `Open ${name}${place.page ? ` at page ${place.page}` : ""}`;
+    frame.setAttribute("aria-label", frame.title);
     const img = element("img");
     img.alt = name;
     img.decoding = "async";
     frame.append(img);
+    frame.addEventListener("click", () => openFile(hit, place.page));
     article.append(frame);
     loadThumbnail(img, frame, hit.thumbnail);
-  } else if (hit.text !== null && hit.text !== undefined) {
-    article.append(element("p", "snippet", hit.text.replace(/([^\n])\n(?!\n)/g, "$1 "))); // unwrap hard-wrapped lines
+  }
+  if (hit.text !== null && hit.text !== undefined) {
+    const snippet = element("p", "snippet", hit.text.replace(/([^\n])\n(?!\n)/g, "$1 ")); // unwrap hard-wrapped lines
+    article.append(snippet);
+    const more = element("button", "more-button", "Show the whole passage");
+    more.type = "button";
+    more.setAttribute("aria-expanded", "false");
+    more.addEventListener("click", () => {
+      const open = article.classList.toggle("expanded");
+      more.textContent = open ? "Show less" : "Show the whole passage";
+      more.setAttribute("aria-expanded", String(open));
+    });
+    more.hidden = true; // shown once laid out, if the passage is cut
+    requestAnimationFrame(() => {
+      more.hidden = snippet.scrollHeight <= snippet.clientHeight + 1;
+    });
+    article.append(more);
   }
 
   const title = element("h2", "name", name);
@@ -280,24 +366,44 @@ function card(hit) {
   article.append(title);
 
   const facts = element("p", "facts");
-  facts.append(element("span", "rank", `#${hit.rank}`), element("span", "score", hit.score.toFixed(3)));
-  facts.append(element("span", "kind", hit.kind));
-  if (hit.passage !== null && hit.passage !== undefined) {
-    facts.append(element("span", "span", `passage ${hit.passage + 1}, characters ${hit.start}–${hit.end}`));
-  }
-  for (const [key, value] of Object.entries(hit.metadata || {})) {
-    if (key !== "sha256") facts.append(element("span", "meta", `${key} ${value}`));
-  }
+  facts.append(element("span", "score", score(hit)));
+  facts.append(element("span", "kind", kinds.map((kind) => KIND_NAMES[kind] || kind).join(" + ")));
+  if (place.text) facts.append(element("span", "place", place.text));
   article.append(facts);
 
+  const actions = element("div", "actions");
+  const open = element("button", "open-button", place.page ? `Open page ${place.page}` : "Open");
+  open.type = "button";
+  open.setAttribute("aria-label", `Open ${label}`);
+  open.addEventListener("click", () => openFile(hit, place.page));
   const like = element("button", "like-button", "More like this");
   like.type = "button";
   like.setAttribute("aria-label", `More like ${name}`);
   like.addEventListener("click", () => moreLike(hit));
-  article.append(like);
+  actions.append(open, like);
+  article.append(actions);
 
   item.append(article);
   return item;
+}
+
+/** A hit's score: a grouped hit's fusion of its kinds' ranks, else its cosine similarity. */
+function score(hit) {
+  return hit.kinds ? hit.score.toFixed(4) : hit.score.toFixed(3);
+}
+
+/** Open the file a hit was found in (with the key), a PDF at its page, in a new tab. */
+async function openFile(hit, page) {
+  const opened = window.open("", "_blank");
+  try {
+    const blob = await (await api(hit.file)).blob();
+    const url = URL.createObjectURL(blob) + (page ? `#page=${page}` : "");
+    if (opened) opened.location.href = url;
+    else window.location.href = url;
+  } catch (error) {
+    if (opened) opened.close();
+    showError(error.message);
+  }
 }
 
 async function loadThumbnail(img, frame, url) {

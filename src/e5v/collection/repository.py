@@ -187,16 +187,14 @@ class _BindingFunction:
 @contextmanager
 def _registry_kept() -> Iterator[None]:
     """Chroma registers the function of a configuration it writes under its name: keep the
-    function registered as ``"e5v"`` before (chromadb_e5v's, which embeds), or none."""
+    function registered as ``"e5v"`` before (chromadb_e5v's, which embeds), if any."""
     from chromadb.utils.embedding_functions import known_embedding_functions
 
     registered = known_embedding_functions.get(FUNCTION_NAME)
     try:
         yield
     finally:
-        if registered is None:
-            known_embedding_functions.pop(FUNCTION_NAME, None)
-        else:
+        if registered is not None:
             known_embedding_functions[FUNCTION_NAME] = registered
 
 

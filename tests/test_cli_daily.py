@@ -142,7 +142,8 @@ def test_embed_refuses_a_missing_image_and_output_folder_before_loading(tmp_path
     assert (done.returncode, done.stdout) == (2, "")
     assert (
         done.stderr
-        == f"e5v embed: error: INPUT {str(missing)!r} does not exist (from {os.getcwd()!r}); check the path\n"
+        == f"e5v embed: error: INPUT 2 ({str(missing)!r}): there is no such file (from {os.getcwd()!r}); check "
+        "the path\n"
     )
 
     output = tmp_path / "no-such-folder" / "v.npy"

@@ -13,7 +13,6 @@ from e5v.cli.common import (
     add_server_option,
     counted,
     embedder_from_args,
-    existing_paths,
     remote_from_args,
     show_progress,
 )
@@ -107,7 +106,13 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     if args.kind == "image":
-        existing_paths(args.inputs, "INPUT")
+        for number, value in enumerate(args.inputs, 1):
+            if not os.path.lexists(os.path.expanduser(value)):
+                sys.stderr.write(
+                    f"e5v embed: error: INPUT {number} ({value!r}): there is no such file (from {os.getcwd()!r}); "
+                    "check the path\n"
+                )
+                return 2
     kinds = [kind_of(value, args.kind) for value in args.inputs]
     if args.kind == "auto":
         for number, (value, kind) in enumerate(zip(args.inputs, kinds), 1):

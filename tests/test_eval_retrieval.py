@@ -212,7 +212,7 @@ def test_a_bad_compare_setting_is_one_line(own_data: Path, extra: list[str], mes
     ("args", "message"),
     [
         (["retrieval"], "`e5v eval retrieval` needs --queries, --corpus, --qrels"),
-        (["retrieval", "coco", "--queries", "q", "--corpus", "c", "--qrels", "r"], "`retrieval` runs alone"),
+        (["retrieval", "coco", "--queries", "q", "--corpus", "c", "--qrels", "r"], "`e5v eval retrieval` runs alone"),
         (["coco", "--queries", "q.jsonl"], "--queries is for `e5v eval retrieval`"),
         (["coco", "--prompts", "cirr"], "--prompts is for `e5v eval retrieval`"),
         (["imagenet"], "unknown TARGET 'imagenet'"),

@@ -159,7 +159,7 @@ def _check_targets(args: argparse.Namespace) -> bool:
     own = {"--queries": args.queries, "--corpus": args.corpus, "--qrels": args.qrels}
     if "retrieval" in args.targets:
         if len(args.targets) > 1:
-            raise ConfigurationError("`retrieval` runs alone; run the benchmarks in another `e5v eval`")
+            raise ConfigurationError("`e5v eval retrieval` runs alone; run the benchmarks in another `e5v eval`")
         missing = [name for name, value in own.items() if value is None]
         if missing:
             raise ConfigurationError(f"`e5v eval retrieval` needs {', '.join(missing)}")

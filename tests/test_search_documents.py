@@ -83,7 +83,11 @@ def test_a_pdf_collection_groups_by_page_and_fuses_the_kinds(db: Path, corpus: P
         assert Path(hit["path"]).is_absolute() and Path(hit["path"]).is_file()
         kinds = hit["kinds"]
         assert set(kinds) <= {"image", "text", "interleaved"} and kinds
-        assert hit["score"] == pytest.approx(sum(1 / (60 + match["rank"]) for match in kinds.values()), abs=1e-6)
+        terms = [1 / (60 + match["rank"]) for match in kinds.values()]
+        if hit["path"].endswith(".pdf"):
+            assert hit["score"] == pytest.approx(sum(terms), abs=1e-6)
+        else:  # a photo or a note cannot hold the other kind: its own term counts for it
+            assert len(terms) == 1 and hit["score"] == pytest.approx(2 * terms[0], abs=1e-6)
         assert hit["id"] in {match["id"] for match in kinds.values()}
     for hit in pdf:
         assert hit["pages"] == 2 and set(hit["kinds"]) == {"image", "text"}
@@ -91,6 +95,12 @@ def test_a_pdf_collection_groups_by_page_and_fuses_the_kinds(db: Path, corpus: P
     assert scores == sorted(scores, reverse=True)
     notes = [hit for hit in hits if hit["path"].endswith((".txt", ".md"))]
     assert len(notes) == 4 and all(hit["text"] and hit["passage"] == 0 for hit in notes)
+
+
+def test_an_image_query_finds_that_photo_first_among_pages(db: Path, corpus: Path) -> None:
+    hits = search(db, "--image", str(corpus / "chelsea.png"), "-k", "3")
+    assert hits[0]["path"] == str(corpus / "chelsea.png") and hits[0]["kinds"]["image"]["score"] == pytest.approx(1.0)
+    assert hits[0]["score"] == pytest.approx(2 / 61, abs=1e-6)
 
 
 def test_group_file_and_group_none(db: Path, store_query) -> None:

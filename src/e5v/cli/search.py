@@ -39,7 +39,8 @@ passage, sha256 and any other metadata a record has.
 
 --group page (the default when the collection holds PDF pages) gives one hit per PDF
 page (and per other file): its image, text and interleaved records fused by
-reciprocal-rank fusion, sum over kinds of 1/(60 + rank); the score shown is that fusion,
+reciprocal-rank fusion, sum over kinds of 1/(60 + rank) (a photo or a note counts its own
+term for the kind it cannot hold); the score shown is that fusion,
 --json keeps each kind's cosine score and rank under "kinds". --group file gives one hit
 per file, --group none one per record (the paper's protocol, for evaluation). Passages
 are numbered from 0, as stored, in the table and in --json.

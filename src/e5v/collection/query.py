@@ -13,7 +13,10 @@ file: the best candidates of each kind (image, text, interleaved) are ranked by 
 similarity, each group takes in each kind the rank of its best record there, and groups
 are ranked by reciprocal-rank fusion, ``sum over kinds of 1 / (rrf_k + rank)`` (Cormack et
 al., 2009; ``rrf_k`` 60), its per-kind matches (record id, cosine score, rank) kept in the
-hit. :func:`default_group` is ``page`` for a collection that holds PDF pages, else ``none``.
+hit. A file that cannot hold a kind (a photo has no text, a note no picture) counts for that
+kind the mean of its own terms, so a photo first among the images is not put below a page
+only because the page has text as well. :func:`default_group` is ``page`` for a collection
+that holds PDF pages, else ``none``.
 """
 
 from __future__ import annotations
@@ -310,9 +313,13 @@ def _fuse(listed: Mapping[str, Sequence[StoredRecord]], group: Group, rrf_k: int
             if key not in seen:
                 seen.add(key)
                 matches.setdefault(key, {})[name] = (record, len(seen))
+    queried = [name for name, records in listed.items() if records]
     fused = []
     for found in matches.values():
-        score = sum(1.0 / (rrf_k + rank) for _, rank in found.values())
+        terms = [1.0 / (rrf_k + rank) for _, rank in found.values()]
+        in_pdf = any(record.page is not None for record, _ in found.values())
+        cannot = 0 if in_pdf else len(queried) - len(found)  # kinds a photo or a note cannot hold
+        score = sum(terms) + cannot * sum(terms) / len(terms)
         best = max((record for record, _ in found.values()), key=lambda record: record.score or 0.0)
         passage = next((found[name][0] for name in ("text", "interleaved") if name in found), None)
         kinds = {

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import httpx
@@ -289,3 +290,41 @@ def test_a_collection_with_the_old_binding_opens_and_gets_its_identity(tmp_path:
     moved = Path(shutil.move(model, tmp_path / "moved"))
     status, out, _ = search(capsys, db, "--model", moved, query="a cat on a mat")
     assert status == 0 and json.loads(out)[0]["text"] == "a cat on a mat"
+
+
+def test_collections_on_a_chroma_server(tmp_path: Path, files: Path, model: Path) -> None:
+    """``--chroma-url``: listed (no size on disk), inspected and deleted on a real ``chroma run``."""
+    from serving import free_port
+
+    chroma = Path(sys.executable).parent / "chroma"
+    port = free_port()
+    log = (tmp_path / "chroma.log").open("wb")
+    server = subprocess.Popen(
+        [str(chroma), "run", "--path", str(tmp_path / "chroma"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**environment(), "ANONYMIZED_TELEMETRY": "False"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(240):  # 60 s
+            try:
+                if httpx.get(f"{url}/api/v2/heartbeat", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert server.poll() is None, (tmp_path / "chroma.log").read_text()
+            time.sleep(0.25)
+        done = e5v("index", files, "--chroma-url", url, "--collection", "remote", "--model", model, "-q")
+        assert done.returncode == 0, done.stderr
+        (listed,) = json.loads(e5v("collections", "--chroma-url", url, "--json").stdout)
+        assert listed["name"] == "remote" and listed["kinds"] == {"image": 2, "text": 1}
+        assert listed["size_bytes"] is None and listed["model_id"] == model_identity(model)
+        wrong = e5v("collections", "info", "nope", "--chroma-url", url)
+        assert wrong.returncode == 2 and "it holds 'remote'" in wrong.stderr
+        assert e5v("collections", "delete", "remote", "--chroma-url", url, "--yes").returncode == 0
+        assert e5v("collections", "--chroma-url", url).stdout == f"no collections in {url}\n"
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()

@@ -262,9 +262,9 @@ class Store:
             names = self.names()
             held = f"it holds {', '.join(map(repr, names))}" if names else "it holds no collection"
             raise StoreError(
-                f"no collection {name!r} in {self._where!r} ({held}); pick one of them as `name`, or index files "
-                f"first with `e5v index PATH {'--chroma-url' if url else '--db'} {shlex.quote(str(url or db))} "
-                f"--collection {shlex.quote(name)}`"
+                f"no collection {name!r} in {self._where!r} ({held}); index files first with "
+                f"`e5v index PATH {'--chroma-url' if url else '--db'} {shlex.quote(str(url or db))} "
+                f"--collection {shlex.quote(name)}`, or pick one of those as `name`"
             )
 
     @property
@@ -357,8 +357,8 @@ class Store:
             if bound.base_url is None and Path(bound.model).is_absolute() and not Path(bound.model).exists():
                 raise StoreError(
                     f"collection {self.name!r} in {self._where!r} was indexed with the model at {bound.model!r}, "
-                    f"which is gone; pass `model` with where that checkpoint is now, or rebind the collection to it "
-                    f"with `e5v collections rebind {shlex.quote(self.name)} --model PATH`"
+                    f"which is gone; rebind the collection to where it is now with `e5v collections rebind "
+                    f"{shlex.quote(self.name)} --model PATH`, or pass that folder as `model`"
                 )
             return bound.model
         assert name is not None
@@ -370,13 +370,15 @@ class Store:
 
     def _refusal(self, bound: Binding, name: str, revision: str | None, identity: str | None = None) -> str:
         """The one line that refuses a model whose vectors do not compare with the collection's."""
-        built = f"{bound.model!r} ({short_identity(bound.identity)}" + (
-            f", revision {bound.revision!r})" if bound.revision else ")"
+        built = f"{bound.model!r}" + (f" at revision {bound.revision!r}" if bound.revision else "")
+        asked = f"{name!r}" + (f" at revision {revision!r}" if revision else "")
+        models = (
+            f" (model {short_identity(bound.identity)} is not {short_identity(identity)})"
+            if identity and identity != bound.identity
+            else ""
         )
-        asked = f"{name!r}" + (f" ({short_identity(identity)})" if identity and identity != name else "")
-        asked += f" at revision {revision!r}" if revision else ""
         return (
-            f"collection {self.name!r} in {self._where!r} holds vectors of {built}, not of {asked}: vectors of "
+            f"collection {self.name!r} in {self._where!r} holds vectors of {built}, not {asked}{models}: vectors of "
             f"different models do not compare; see which model it holds with `e5v collections info "
             f"{shlex.quote(self.name)}`, leave out `model` to use it, or pick a new `name` for the other model"
         )

@@ -6,6 +6,8 @@ hashing the weights in full (a few hundred KiB of an 8B checkpoint):
 
 - ``config.json``, parsed and written back with sorted keys, without ``_name_or_path`` and
   ``transformers_version`` (where it was saved from, and by which version);
+- the tokenizer's and processor's files (:data:`PROCESSING_FILES`, those there are), byte
+  for byte: the same weights tokenized or padded otherwise are another model;
 - each weight file (``*.safetensors``, else ``*.bin``/``*.pt``/``*.pth``), by name and
   size: a safetensors file's header (every tensor's name, dtype, shape and offsets), and of
   every weight file :data:`SAMPLES` blocks of :data:`SAMPLE_BYTES` bytes spread evenly
@@ -26,7 +28,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SAMPLES", "SAMPLE_BYTES", "fingerprint", "model_identity", "short_identity"]
+__all__ = ["PROCESSING_FILES", "SAMPLES", "SAMPLE_BYTES", "fingerprint", "model_identity", "short_identity"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,6 +38,17 @@ SAMPLE_BYTES = 64 * 1024
 SAMPLES = 4
 #: Weight files, by preference: safetensors if the folder has any, else PyTorch pickles.
 WEIGHT_PATTERNS = (("*.safetensors",), ("*.bin", "*.pt", "*.pth"))
+#: Files of the tokenizer and the image processor, which decide what the weights see.
+PROCESSING_FILES = (
+    "tokenizer.json",
+    "tokenizer.model",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "chat_template.json",
+)
 #: ``config.json`` keys that say where and by what a checkpoint was saved, not what it is.
 UNSTABLE_CONFIG_KEYS = frozenset({"_name_or_path", "transformers_version"})
 #: The longest safetensors header read (the format's own limit).
@@ -72,6 +85,10 @@ def fingerprint(folder: Path) -> str | None:
     config: dict[str, Any] = json.loads(config_file.read_text(encoding="utf-8"))
     stable = {key: value for key, value in config.items() if key not in UNSTABLE_CONFIG_KEYS}
     digest = hashlib.sha256(json.dumps(stable, sort_keys=True, ensure_ascii=False).encode())
+    for name in PROCESSING_FILES:
+        if (folder / name).is_file():
+            digest.update(f"\0{name}\0".encode())
+            digest.update((folder / name).read_bytes())
     for weight in weights:
         _add_weight_file(digest, weight)
     return digest.hexdigest()

@@ -92,7 +92,12 @@ def test_index_reports_the_corrupt_file_and_indexes_the_rest(indexed, tiny_path:
 
 def test_search_by_image_finds_that_image_first(indexed, embedder, capsys) -> None:
     corpus, db, _ = indexed
-    assert main(["search", "--image", str(corpus / "chelsea.png"), "--db", str(db), "--json", "-k", "4"]) == 0
+    assert (
+        main(
+            ["search", "--image", str(corpus / "chelsea.png"), "--db", str(db), "--group", "none", "--json", "-k", "4"]
+        )
+        == 0
+    )
     hits = json.loads(capsys.readouterr().out)
     assert [hit["rank"] for hit in hits] == [1, 2, 3, 4]
     assert hits[0]["path"] == str(corpus / "chelsea.png") and hits[0]["kind"] == "image"
@@ -119,7 +124,24 @@ def test_search_by_text_and_composed(indexed, embedder, capsys) -> None:
     records = stored(db)
     vectors = dict(zip(records["ids"], np.asarray(records["embeddings"])))
 
-    assert main(["search", "how to make espresso", "--db", str(db), "--kind", "text", "--json", "-k", "3"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "how to make espresso",
+                "--db",
+                str(db),
+                "--group",
+                "none",
+                "--kind",
+                "text",
+                "--json",
+                "-k",
+                "3",
+            ]
+        )
+        == 0
+    )
     hits = json.loads(capsys.readouterr().out)
     assert len(hits) == 3 and {hit["kind"] for hit in hits} == {"text"}
     assert set(hits[0]) >= {"path", "kind", "score", "id", "passage", "start", "end", "text"}
@@ -127,13 +149,15 @@ def test_search_by_text_and_composed(indexed, embedder, capsys) -> None:
     assert hits[0]["score"] == pytest.approx(float(query @ vectors[hits[0]["id"]]), abs=1e-4)
 
     cat = str(corpus / "chelsea.png")
-    assert main(["search", "make it a dog", "--image", cat, "--db", str(db), "--json", "-k", "1"]) == 0
+    assert (
+        main(["search", "make it a dog", "--image", cat, "--db", str(db), "--group", "none", "--json", "-k", "1"]) == 0
+    )
     (hit,) = json.loads(capsys.readouterr().out)
     query = embedder.embed_composed([cat], ["make it a dog"])[0]
     assert hit["score"] == pytest.approx(float(query @ vectors[hit["id"]]), abs=1e-4)
     assert hit["score"] == pytest.approx(max(float(query @ v) for v in vectors.values()), abs=1e-4)
 
-    assert main(["search", "a cat", "--db", str(db), "-k", "2"]) == 0
+    assert main(["search", "a cat", "--db", str(db), "--group", "none", "-k", "2"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0].split() == ["rank", "score", "kind", "path", "passage"]
     assert len(table) == 3 and table[1].startswith("1 ") and table[2].startswith("2 ")

@@ -281,18 +281,24 @@ def test_bad_pdfs_and_pages_are_reported(indexed) -> None:
 def test_a_page_queried_by_its_own_rendering_ranks_first(indexed, tmp_path: Path, capsys) -> None:
     folder, db, _, _ = indexed
     render_page(folder / "report.pdf", 2).save(tmp_path / "page.png")  # PNG: the same pixels
-    assert main(["search", "--image", str(tmp_path / "page.png"), "--db", str(db), "--json", "-k", "3"]) == 0
+    assert (
+        main(["search", "--image", str(tmp_path / "page.png"), "--db", str(db), "--group", "none", "--json", "-k", "3"])
+        == 0
+    )
     hits = json.loads(capsys.readouterr().out)
     assert hits[0]["path"] == str(folder / "report.pdf") and hits[0]["page"] == 2 and hits[0]["kind"] == "image"
     assert hits[0]["score"] == pytest.approx(1.0, abs=1e-4)
     assert hits[1]["score"] < hits[0]["score"]
 
-    assert main(["search", "espresso crema", "--db", str(db), "--kind", "text", "--json", "-k", "20"]) == 0
+    assert (
+        main(["search", "espresso crema", "--db", str(db), "--group", "none", "--kind", "text", "--json", "-k", "20"])
+        == 0
+    )
     texts = json.loads(capsys.readouterr().out)
     assert {(Path(hit["path"]).name, hit["page"]) for hit in texts} >= {("report.pdf", 1), ("report.pdf", 2)}
     assert set(texts[0]) == {"rank", "id", "score", "kind", "path", "page", "passage", "start", "end", "text"}
 
-    assert main(["search", "--image", str(tmp_path / "page.png"), "--db", str(db), "-k", "1"]) == 0
+    assert main(["search", "--image", str(tmp_path / "page.png"), "--db", str(db), "--group", "none", "-k", "1"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[1].split()[2:] == ["image", f"{folder / 'report.pdf'}#page=2"]
 

@@ -21,6 +21,7 @@ from serving import KEY, free_port, start_server, stop  # noqa: E402
 from chromadb_e5v import E5VEmbeddingFunction  # noqa: E402
 from e5v import Composed, E5VEmbedder, Embedder, InvalidInputError, RemoteEmbedder  # noqa: E402
 from e5v.errors import ConfigurationError  # noqa: E402
+from e5v.model.identity import model_identity  # noqa: E402
 
 TOLERANCE = 1e-5  # the server's vectors against the in-process ones
 TEXTS = ["A cat sleeps on a warm sofa.", "A red rocket stands on the launch pad."]
@@ -185,9 +186,14 @@ def test_config_update_keeps_the_model_and_prompts(remote: E5VEmbeddingFunction,
     old = remote.get_config()
     remote.validate_config_update(old, {**old, "base_url": "http://elsewhere:8000", "api_key_env_var": "OTHER"})
     remote.validate_config_update(old, E5VEmbeddingFunction(model).get_config())  # the same model, in-process
+    moved = {**old, "model_name": "/elsewhere/tiny", "model_id": model_identity(model)}
+    remote.validate_config_update({**old, "model_id": model_identity(model)}, moved)  # the same model, moved
+    bare = {key: value for key, value in old.items() if key != "model_id"}  # a binding from before identities
     for key, value in [("model_name", "other/model"), ("prompts", "cirr")]:
         with pytest.raises(ValueError, match=f"cannot change the e5v {key}"):
-            remote.validate_config_update(old, {**old, key: value})
+            remote.validate_config_update(bare, {**bare, key: value})
+    with pytest.raises(ValueError, match="cannot change the e5v model_id"):
+        remote.validate_config_update(moved, {**moved, "model_id": "other/model"})
     with pytest.raises(ValueError, match="cannot change the e5v revision"):
         remote.validate_config_update(E5VEmbeddingFunction(model, revision="abc").get_config(), old)
 
@@ -223,6 +229,7 @@ def test_a_collection_embeds_through_the_server_and_reopens_in_a_new_process(
     assert persisted["name"] == "e5v"
     assert persisted["config"] == {
         "model_name": model,
+        "model_id": model_identity(model),  # the server's model, as its /info says
         "batch_size": "auto",
         "prompts": "e5v",
         "base_url": server,

@@ -584,7 +584,8 @@ def test_e5v_eval_paper_end_to_end(data_dir: Path, tiny_path: Path, tmp_path: Pa
     args += ["--cache", str(tmp_path / "cache"), "--output", str(output), "--limit", "2", "--batch-size", "4"]
     assert main(args) == 0
     out, err = capsys.readouterr()
-    assert err == f"wrote {output}\n"
+    assert err.splitlines()[0] == f"wrote the report to {output}"
+    assert f"embedding cache: {tmp_path / 'cache'}" in err
     lines = out.splitlines()
     assert lines[0].split() == ["task", "metric", "e5v", "paper", "MTEB"]
     row = next(line.split() for line in lines if line.startswith("flickr30k") and " t2i R@1 " in line)

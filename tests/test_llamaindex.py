@@ -448,7 +448,7 @@ def test_example_searches_photos_and_texts(tiny_path: Path, tmp_path: Path) -> N
         check=False,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"Indexed 6 photos and 4 texts into Chroma at {persist}" in done.stdout
+    assert f"Indexed 5 photos and 4 notes into Chroma at {persist}" in done.stdout
     blocks = [block.splitlines() for block in done.stdout.strip().split("\n\n")[1:]]
     titles = [block[0] for block in blocks]
     assert [title.split(":")[0] for title in titles] == ["Text -> images"] * 3 + ["Image -> images"] + [
@@ -463,4 +463,4 @@ def test_example_searches_photos_and_texts(tiny_path: Path, tmp_path: Path) -> N
     assert self_query[0] == "Image -> images: chelsea.png"
     assert self_query[1] == "  1. 1.0000  chelsea.png"
     client = chromadb.PersistentClient(path=str(persist))
-    assert (client.get_collection("images").count(), client.get_collection("texts").count()) == (6, 5)  # + the caption
+    assert (client.get_collection("images").count(), client.get_collection("texts").count()) == (5, 5)  # + the caption

@@ -101,6 +101,9 @@ def test_a_pdf_page_is_one_card_with_its_thumbnail_passage_page_and_fused_score(
     assert len({round(card["height"]) for card in shown}) == 1  # even card heights in the grid
 
 
+@pytest.mark.xfail(
+    strict=True, reason="known bug (issue 32, open): with the toggle on file, report.pdf still shows two cards"
+)
 def test_the_group_toggle_and_the_filter_field(tab: Tab) -> None:
     tab.query(QUERY)
     tab.results(12)

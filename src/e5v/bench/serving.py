@@ -28,13 +28,15 @@ import importlib.util
 import io
 import json
 import math
+import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,9 +57,13 @@ __all__ = [
     "LatencyStats",
     "RssSample",
     "ServeBenchReport",
+    "ServerProcess",
     "SoakReport",
+    "checkpoint",
     "format_serve_report",
     "format_soak_report",
+    "percentile",
+    "read_answer",
     "run_serve_bench",
     "run_soak",
 ]
@@ -66,6 +72,8 @@ __all__ = [
 CONCURRENCY = (1, 8)
 #: Seconds to wait for a server to load its model.
 READY_TIMEOUT = 600.0
+#: Seconds a server has to exit after SIGTERM before it is killed.
+STOP_TIMEOUT = 30.0
 
 
 @dataclass
@@ -137,20 +145,14 @@ def run_serve_bench(
 ) -> ServeBenchReport:
     """Measure as the module docstring says; ``random_init`` builds a preset checkpoint
     (random weights, CPU, float32) in a temporary folder that the server loads too."""
-    with tempfile.TemporaryDirectory(prefix="e5v-bench-serve-") as folder:
-        if random_init is not None:
-            from e5v.testing import build_tiny_checkpoint
-
-            model = build_tiny_checkpoint(Path(folder, random_init), random_init, seed=seed)
-        if model is None:
-            raise E5VError("give a model (hub id or path) or random_init")
+    with checkpoint(model, random_init, seed=seed) as model:
         corpus = [str(text) for text in make_corpus(texts, 0, 0, seed=seed)["texts"]]
         embedder = E5VEmbedder(model, device="cpu")
         embedder.embed_texts(corpus)  # warm-up
         levels = sorted({*CONCURRENCY, len(corpus)})
         times: dict[str, list[float]] = {"single": [], "batch": [], "http": [], "model": []}
         runs: dict[tuple[int, bool], list[tuple[float, list[float]]]] = {}
-        with _Server(model, True) as batched, _Server(model, False) as unbatched:
+        with ServerProcess(model) as batched, ServerProcess(model, "--no-batching") as unbatched:
             ports = {True: batched.wait(), False: unbatched.wait()}
             for port in ports.values():
                 with _client(port) as client:
@@ -175,6 +177,21 @@ def run_serve_bench(
         for (clients, batching), measured in runs.items():
             report.clients.append(_summary(clients, batching, measured))
         return report
+
+
+@contextlib.contextmanager
+def checkpoint(model: str | Path | None, random_init: str | None, *, seed: int = 0) -> Iterator[str | Path]:
+    """``model``, or a checkpoint of the ``random_init`` preset (random weights, float32) built
+    in a temporary folder that server subprocesses load too, removed on exit."""
+    if random_init is None:
+        if model is None:
+            raise E5VError("give a model (hub id or path) or random_init")
+        yield model
+        return
+    from e5v.testing import build_tiny_checkpoint
+
+    with tempfile.TemporaryDirectory(prefix="e5v-bench-") as folder:
+        yield build_tiny_checkpoint(Path(folder, random_init), random_init, seed=seed)
 
 
 def _timed(run: Any) -> float:
@@ -212,11 +229,11 @@ def _summary(clients: int, batching: bool, measured: list[tuple[float, list[floa
     rate = statistics.median(len(latencies) / elapsed for elapsed, latencies in measured)
     latencies = sorted(latency for _, found in measured for latency in found)
     return ClientsResult(
-        clients, batching, rate, 1000 * statistics.median(latencies), 1000 * _percentile(latencies, 0.99)
+        clients, batching, rate, 1000 * statistics.median(latencies), 1000 * percentile(latencies, 0.99)
     )
 
 
-def _percentile(ordered: list[float], share: float) -> float:
+def percentile(ordered: list[float], share: float) -> float:
     """The value below which ``share`` of the sorted ``ordered`` lie (nearest rank)."""
     return ordered[min(len(ordered) - 1, int(share * len(ordered)))]
 
@@ -244,30 +261,40 @@ def _post(client: httpx.Client, texts: list[str]) -> None:
     response = client.post("/v1/embeddings", json={"input": texts, "encoding_format": "base64"})
     if response.status_code != 200:
         raise E5VError(f"the server answered {response.status_code}: {response.text[:500]}")
-    _checked(response.content, len(texts), None)
+    if isinstance(found := read_answer(response.content, len(texts), None), str):
+        raise E5VError(f"the server's answer to {len(texts)} texts: {found}")
 
 
-class _Server:
-    """``e5v serve`` in a subprocess on a free loopback port, ready on entry, stopped on exit;
-    its log goes to a temporary file, quoted when it exits early."""
+class ServerProcess:
+    """``e5v serve`` in a subprocess (a session of its own) on a free loopback port, started
+    on entry, stopped on exit (SIGTERM, then after ``stop_timeout`` seconds SIGKILL to its
+    whole process group, so nothing it started is left); its log goes to a temporary file,
+    quoted when it exits early. ``options`` follow the model, port and device options."""
 
-    def __init__(self, model: str | Path, batching: bool) -> None:
+    def __init__(
+        self,
+        model: str | Path,
+        *options: str,
+        device: str = "cpu",
+        ready_timeout: float = READY_TIMEOUT,
+        stop_timeout: float = STOP_TIMEOUT,
+    ) -> None:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
             self.port = sock.getsockname()[1]
         command = [sys.executable, "-m", "e5v", "serve", "--model", str(model), "--port", str(self.port), "-q"]
-        command += ["--device", "cpu", "--max-client-batch-size", "4096"] + ([] if batching else ["--no-batching"])
-        self.command = command
+        self.command = [*command, "--device", device, "--max-client-batch-size", "4096", *options]
+        self.ready_timeout, self.stop_timeout = ready_timeout, stop_timeout
 
-    def __enter__(self) -> _Server:
+    def __enter__(self) -> ServerProcess:
         # a file, not a pipe: a full pipe would stall the server; closed on exit
         self.log: IO[bytes] = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT)
+        self.process = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         return self
 
     def wait(self) -> int:
         """The port, once the server is ready."""
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             self.check()
             try:
@@ -276,7 +303,7 @@ class _Server:
             except httpx.TransportError:
                 pass
             time.sleep(0.2)
-        raise E5VError(f"the server was not ready in {READY_TIMEOUT:.0f} s")
+        raise E5VError(f"the server was not ready in {self.ready_timeout:g} s: {' '.join(self.command)}")
 
     def exited(self) -> str | None:
         """None while the server runs, else what it said before it exited."""
@@ -294,9 +321,10 @@ class _Server:
     def __exit__(self, *_exc: object) -> None:
         self.process.terminate()
         try:
-            self.process.wait(timeout=30)
+            self.process.wait(timeout=self.stop_timeout)
         except subprocess.TimeoutExpired:
-            self.process.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         self.log.close()
 
@@ -465,10 +493,6 @@ class _Record:
     error: str | None
 
 
-class _Wrong(Exception):
-    """An answer that is not the right vectors; the message is the error's kind."""
-
-
 def run_soak(
     model: str | Path | None = None,
     *,
@@ -499,22 +523,15 @@ def run_soak(
         raise MissingDependencyError(
             "the soak reads the server's resident memory with psutil or from /proc (Linux): pip install psutil"
         )
-    with tempfile.TemporaryDirectory(prefix="e5v-bench-soak-") as folder:
-        if random_init is not None:
-            from e5v.testing import build_tiny_checkpoint
-
-            model = build_tiny_checkpoint(Path(folder, random_init), random_init, seed=seed)
-        if model is None:
-            raise E5VError("give a model (hub id or path) or random_init")
-        with _Server(model, True) as server:
-            bodies = _soak_bodies(seed)  # while the server loads
-            port = server.wait()
-            references = _references(port, bodies, server)
-            schedule = [kind for kind, count in SOAK_MIX.items() for _ in range(count)]
-            np.random.default_rng(seed).shuffle(schedule)
-            load = _Load(port, server, bodies, references, schedule, clients, request_timeout)
-            samples = sorted({*(k * sample_every for k in range(math.ceil(seconds / sample_every))), warmup})
-            records, rss, elapsed = asyncio.run(load.run(seconds, warmup, samples))
+    with checkpoint(model, random_init, seed=seed) as model, ServerProcess(model) as server:
+        bodies = _soak_bodies(seed)  # while the server loads
+        port = server.wait()
+        references = _references(port, bodies, server)
+        schedule = [kind for kind, count in SOAK_MIX.items() for _ in range(count)]
+        np.random.default_rng(seed).shuffle(schedule)
+        load = _Load(port, server, bodies, references, schedule, clients, request_timeout)
+        samples = sorted({*(k * sample_every for k in range(math.ceil(seconds / sample_every))), warmup})
+        records, rss, elapsed = asyncio.run(load.run(seconds, warmup, samples))
     report = SoakReport(
         model=str(model),
         seconds=seconds,
@@ -540,7 +557,7 @@ def _latency(records: list[_Record]) -> LatencyStats:
     if not ordered:
         return LatencyStats(0, 0, None, None)
     return LatencyStats(
-        len(ordered), sum(r.rows for r in records), statistics.median(ordered), _percentile(ordered, 0.99)
+        len(ordered), sum(r.rows for r in records), statistics.median(ordered), percentile(ordered, 0.99)
     )
 
 
@@ -588,32 +605,34 @@ def _data_uri(photo: Image.Image, number: int) -> str:
     return f"data:image/{form};base64,{base64.b64encode(buffer.getvalue()).decode()}"
 
 
-def _checked(content: bytes, rows: int, dimension: int | None) -> np.ndarray:
-    """The vectors of an answer, or :class:`_Wrong` saying how it is wrong."""
+def read_answer(content: bytes, rows: int, dimension: int | None) -> np.ndarray | str:
+    """The vectors of a ``/v1/embeddings`` answer (``encoding_format: base64``) of ``rows``
+    items, in order, finite and of unit norm (and of ``dimension``, if given), or the kind of
+    error it is."""
     try:
         answer = _Answer.model_validate_json(content)
     except ValidationError:
-        raise _Wrong("an answer not in the API's shape") from None
+        return "an answer not in the API's shape"
     if len(answer.data) != rows:
-        raise _Wrong("wrong row count")
+        return "wrong row count"
     if [row.index for row in answer.data] != list(range(rows)):
-        raise _Wrong("wrong indices")
+        return "wrong indices"
     try:
         raw = [base64.b64decode(row.embedding, validate=True) for row in answer.data]
     except binascii.Error:
-        raise _Wrong("an embedding not in base64") from None
+        return "an embedding not in base64"
     dimension = dimension or len(raw[0]) // 4
     if any(len(row) != 4 * dimension for row in raw):
-        raise _Wrong("wrong dimension")
+        return "wrong dimension"
     vectors = np.stack([np.frombuffer(row, dtype="<f4") for row in raw])
     if not np.isfinite(vectors).all():
-        raise _Wrong("vectors not finite")
+        return "vectors not finite"
     if np.abs(np.linalg.norm(vectors, axis=1) - 1).max() > NORM_TOLERANCE:
-        raise _Wrong("vectors not of unit norm")
+        return "vectors not of unit norm"
     return vectors
 
 
-def _references(port: int, bodies: dict[str, list[_Body]], server: _Server) -> dict[bytes, np.ndarray]:
+def _references(port: int, bodies: dict[str, list[_Body]], server: ServerProcess) -> dict[bytes, np.ndarray]:
     """Each body's answer when it is the only request (which also warms the server up)."""
     references: dict[bytes, np.ndarray] = {}
     dimension = None
@@ -627,11 +646,11 @@ def _references(port: int, bodies: dict[str, list[_Body]], server: _Server) -> d
                         f"a {body.kind} request alone: the server answered {response.status_code}: "
                         f"{response.text[:500]}"
                     )
-                try:
-                    references[body.content] = _checked(response.content, body.rows, dimension)
-                except _Wrong as exc:
-                    raise E5VError(f"a {body.kind} request alone: {exc}") from None
-                dimension = references[body.content].shape[1]
+                found = read_answer(response.content, body.rows, dimension)
+                if isinstance(found, str):
+                    raise E5VError(f"a {body.kind} request alone: {found}")
+                references[body.content] = found
+                dimension = found.shape[1]
     return references
 
 
@@ -644,7 +663,7 @@ class _Load:
     def __init__(
         self,
         port: int,
-        server: _Server,
+        server: ServerProcess,
         bodies: dict[str, list[_Body]],
         references: dict[bytes, np.ndarray],
         schedule: list[str],
@@ -707,10 +726,9 @@ class _Load:
             return type(exc).__name__
         if response.status_code != 200:
             return f"HTTP {response.status_code}"
-        try:
-            vectors = _checked(response.content, body.rows, self.dimension)
-        except _Wrong as exc:
-            return str(exc)
+        vectors = read_answer(response.content, body.rows, self.dimension)
+        if isinstance(vectors, str):
+            return vectors
         if np.abs(vectors - self.references[body.content]).max() > SOAK_ATOL:
             return "vectors unlike the same request's alone"
         return None

@@ -11,7 +11,9 @@ index in the caller's list. Every answer is parsed and checked before a vector i
 One pooled :class:`httpx.Client` carries the requests of an embedder (and one
 :class:`httpx.AsyncClient` its ``aembed_*`` calls). Its sockets never wait past the
 deadline of the call they serve, so ``timeout`` bounds a whole call, however slowly the
-server answers.
+server answers. ``max_in_flight`` requests of one call are sent at once (worker threads
+on the one client; tasks on the async one), so that a server with several replicas
+embeds a large call's requests side by side.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextvars
 import itertools
 import logging
 import os
 import re
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import CancelledError, Future, ThreadPoolExecutor, as_completed
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime, timezone
@@ -51,7 +56,14 @@ from e5v.wire.encode import (
 )
 from e5v.wire.schema import EmbeddingResponse, ErrorResponse
 
-__all__ = ["API_KEY_ENV_VAR", "DEFAULT_TIMEOUT", "MAX_RETRY_AFTER", "Embedder", "RemoteEmbedder"]
+__all__ = [
+    "API_KEY_ENV_VAR",
+    "DEFAULT_MAX_IN_FLIGHT",
+    "DEFAULT_TIMEOUT",
+    "MAX_RETRY_AFTER",
+    "Embedder",
+    "RemoteEmbedder",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +74,8 @@ API_KEY_ENV_VAR = "E5V_API_KEY"
 DEFAULT_TIMEOUT = 120.0
 #: The longest ``Retry-After`` (seconds) obeyed by default; a server asking for longer fails the call at once.
 MAX_RETRY_AFTER = 10.0
+#: Requests of one call in flight at once, by default: one after the other, as a single server takes them best.
+DEFAULT_MAX_IN_FLIGHT = 1
 #: Characters of a server's answer quoted in an error.
 _EXCERPT = 200
 #: Bytes read of an answer that carries no vectors (``/info``, an error page).
@@ -99,6 +113,12 @@ class RemoteEmbedder:
     request's images never hold more pixels than the server's ``max_request_pixels``: an
     item whose images alone do is an :class:`InvalidInputError` before anything is sent.
 
+    ``max_in_flight`` (default :data:`DEFAULT_MAX_IN_FLIGHT`) is how many of a call's
+    requests are sent at once: more keep the replicas of a scaled-out server busy side by
+    side. Vectors come back in the caller's order either way. When a request fails, the
+    requests after it are not sent (a retry's wait ends), those before it finish, and the
+    call raises the error of the first failing request, as one request at a time would.
+
     The ``aembed_*`` methods are the same calls for asyncio. Requests share one pooled
     connection; :meth:`close` (or ``with``) ends it, :meth:`aclose` (or ``async with``)
     ends the async one too.
@@ -114,6 +134,7 @@ class RemoteEmbedder:
         timeout: float = DEFAULT_TIMEOUT,
         retries: int = 3,
         max_retry_after: float = MAX_RETRY_AFTER,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ConfigurationError(f"base_url must look like http://host:port, got {base_url!r}")
@@ -123,6 +144,8 @@ class RemoteEmbedder:
             raise ConfigurationError(f"retries must be a whole number >= 0, got {retries!r}")
         if not max_retry_after >= 0:
             raise ConfigurationError(f"max_retry_after must be a number of seconds >= 0, got {max_retry_after!r}")
+        if isinstance(max_in_flight, bool) or not isinstance(max_in_flight, int) or max_in_flight < 1:
+            raise ConfigurationError(f"max_in_flight must be a whole number >= 1, got {max_in_flight!r}")
         self.base_url = base_url.rstrip("/").removesuffix("/v1")
         self.api_key = api_key if api_key is not None else os.environ.get(api_key_env_var)
         self.api_key_env_var = api_key_env_var
@@ -131,6 +154,7 @@ class RemoteEmbedder:
         self.timeout = float(timeout)
         self.retries = retries
         self.max_retry_after = float(max_retry_after)
+        self.max_in_flight = max_in_flight
         self._info: dict[str, Any] | None = None
         self._client = httpx.Client(transport=_DeadlineTransport())
         self._aclient: httpx.AsyncClient | None = None
@@ -255,17 +279,65 @@ class RemoteEmbedder:
     ) -> np.ndarray:
         with self._deadline():
             info = self.info
-            parts: list[np.ndarray] = []
+            requests = self._requests(items, prompts, batch_size, info)
             with _progress(len(items), show_progress_bar) as bar:
-                for start, body in self._requests(items, prompts, batch_size, info):
-                    count = len(body["input"])
-                    try:
-                        content = self._exchange("POST", "/v1/embeddings", body, _answer_limit(count, info))
-                    except InvalidInputError as exc:
-                        raise exc.shifted(start) from None
-                    parts.append(_vectors(self._url("/v1/embeddings"), content, count, info["dimension"]))
-                    bar.update(count)
+                if self.max_in_flight == 1 or len(requests) == 1:
+                    parts = []
+                    for start, body in requests:
+                        parts.append(self._embedded(start, body, info))
+                        bar.update(len(body["input"]))
+                else:
+                    parts = self._embedded_side_by_side(requests, info, bar)
         return _stacked(parts, info["dimension"])
+
+    def _embedded(
+        self, start: int, body: dict[str, Any], info: dict[str, Any], stop: threading.Event | None = None
+    ) -> np.ndarray:
+        """One request's vectors; its item errors name the item by its place in the caller's list."""
+        count = len(body["input"])
+        try:
+            content = self._exchange("POST", "/v1/embeddings", body, _answer_limit(count, info), stop)
+        except InvalidInputError as exc:
+            raise exc.shifted(start) from None
+        return _vectors(self._url("/v1/embeddings"), content, count, info["dimension"])
+
+    def _embedded_side_by_side(
+        self, requests: list[tuple[int, dict[str, Any]]], info: dict[str, Any], bar: Any
+    ) -> list[np.ndarray]:
+        """The requests' vectors, in order, ``max_in_flight`` requests at once on worker threads.
+
+        A failure stops the requests after it (not sent, or their retry's wait ended) and
+        is raised once the requests before it are done (one of those failing is raised
+        instead): the error one request at a time would raise. No worker outlives the call.
+        """
+        stops = [threading.Event() for _ in requests]
+        failures: dict[int, BaseException] = {}
+        workers = min(self.max_in_flight, len(requests))
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="e5v-remote") as pool:
+            # each worker runs in a copy of this context, so the call's deadline bounds its sockets too
+            futures: dict[Future[np.ndarray], int] = {
+                pool.submit(contextvars.copy_context().run, self._embedded, start, body, info, stops[number]): number
+                for number, (start, body) in enumerate(requests)
+            }
+            done: dict[int, np.ndarray] = {}
+            try:
+                for future in as_completed(futures):
+                    number = futures[future]
+                    try:
+                        done[number] = future.result()
+                    except (CancelledError, _Stopped):
+                        continue
+                    except Exception as exc:
+                        failures[number] = exc
+                        _stop_after(number, futures, stops)
+                        continue
+                    bar.update(len(requests[number][1]["input"]))
+            except BaseException:  # the caller's thread interrupted (Ctrl-C): stop every request, then wait
+                _stop_after(-1, futures, stops)
+                raise
+        if failures:
+            raise failures[min(failures)]
+        return [done[number] for number in range(len(requests))]
 
     async def _aembed(
         self,
@@ -289,40 +361,88 @@ class RemoteEmbedder:
         received: bytearray,
     ) -> np.ndarray:
         info = await self._afetch_info(received)
-        parts: list[np.ndarray] = []
+        requests = self._requests(items, prompts, batch_size, info)
         with _progress(len(items), show_progress_bar) as bar:
-            for start, body in self._requests(items, prompts, batch_size, info):
-                count = len(body["input"])
-                try:
-                    content = await self._aexchange(
-                        "POST", "/v1/embeddings", body, _answer_limit(count, info), received
-                    )
-                except InvalidInputError as exc:
-                    raise exc.shifted(start) from None
-                parts.append(_vectors(self._url("/v1/embeddings"), content, count, info["dimension"]))
-                bar.update(count)
+            if self.max_in_flight == 1 or len(requests) == 1:
+                parts = []
+                for start, body in requests:
+                    parts.append(await self._aembedded(start, body, info, received))
+                    bar.update(len(body["input"]))
+            else:
+                parts = await self._aembedded_side_by_side(requests, info, bar)
         return _stacked(parts, info["dimension"])
+
+    async def _aembedded(
+        self, start: int, body: dict[str, Any], info: dict[str, Any], received: bytearray
+    ) -> np.ndarray:
+        """:meth:`_embedded` on the async client."""
+        count = len(body["input"])
+        try:
+            content = await self._aexchange("POST", "/v1/embeddings", body, _answer_limit(count, info), received)
+        except InvalidInputError as exc:
+            raise exc.shifted(start) from None
+        return _vectors(self._url("/v1/embeddings"), content, count, info["dimension"])
+
+    async def _aembedded_side_by_side(
+        self, requests: list[tuple[int, dict[str, Any]]], info: dict[str, Any], bar: Any
+    ) -> list[np.ndarray]:
+        """:meth:`_embedded_side_by_side` as tasks: a failure cancels the requests after it; no task
+        outlives the call (cancelled, or timed out, it cancels them all)."""
+        gate = asyncio.Semaphore(self.max_in_flight)  # wakes its waiters in order: requests start in order
+
+        async def one(start: int, body: dict[str, Any]) -> np.ndarray:
+            async with gate:
+                vectors = await self._aembedded(start, body, info, bytearray())
+            bar.update(len(body["input"]))
+            return vectors
+
+        tasks = [asyncio.ensure_future(one(start, body)) for start, body in requests]
+        first: int | None = None  # the first request (in order) that failed
+        try:
+            pending: set[asyncio.Future[np.ndarray]] = set(tasks)
+            while pending:
+                finished, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                for number, task in enumerate(tasks):
+                    failed = task in finished and not task.cancelled() and task.exception() is not None
+                    if failed and (first is None or number < first):
+                        first = number
+                        for later in tasks[number + 1 :]:
+                            later.cancel()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        if first is not None:
+            raise tasks[first].exception()  # type: ignore[misc]
+        return [task.result() for task in tasks]
 
     def _requests(
         self, items: list[WireItem], prompts: str | None, batch_size: int | str | None, info: dict[str, Any]
-    ) -> Iterator[tuple[int, dict[str, Any]]]:
-        """Each request's first item's position and its body (all planned before the first is sent)."""
+    ) -> list[tuple[int, dict[str, Any]]]:
+        """Each request's first item's position and its body, all planned before the first is sent."""
         most = int(info.get("max_client_batch_size") or len(items) or 1)
         if isinstance(batch_size, int) and not isinstance(batch_size, bool):
             most = max(1, min(most, batch_size))
         preset = prompts or self.prompts
+        planned = []
         for chunk in chunks(items, most, info.get("max_request_pixels")):
             body: dict[str, Any] = {"input": [items[i].json for i in chunk], "encoding_format": "base64"}
             if preset is not None:
                 body["prompts"] = preset
-            yield chunk.start, body
+            planned.append((chunk.start, body))
+        return planned
 
     # -- one request, retried within the call's deadline ---------------------------------------
 
-    def _exchange(self, method: str, path: str, body: dict[str, Any] | None, limit: int) -> bytes:
-        """The bytes of the server's 2xx answer, after retries; else the e5v error."""
+    def _exchange(
+        self, method: str, path: str, body: dict[str, Any] | None, limit: int, stop: threading.Event | None = None
+    ) -> bytes:
+        """The bytes of the server's 2xx answer, after retries; else the e5v error. Once ``stop`` is
+        set, no try starts and a wait ends: :class:`_Stopped`."""
         client = self._open(self._client)
         for attempt in itertools.count():
+            if stop is not None and stop.is_set():
+                raise _Stopped
             request = client.build_request(
                 method, self._url(path), json=body, headers=self._headers(), timeout=self._left()
             )
@@ -331,7 +451,7 @@ class RemoteEmbedder:
             except httpx.TimeoutException:
                 raise self._timed_out(path, b"") from None
             except httpx.TransportError as exc:
-                time.sleep(self._pause(attempt, _lost(self.base_url, exc, attempt), None))
+                _wait(self._pause(attempt, _lost(self.base_url, exc, attempt), None), stop)
                 continue
             try:
                 content = self._read(path, response, response.iter_bytes(), limit)
@@ -340,7 +460,7 @@ class RemoteEmbedder:
             wait = self._judge(path, response, content, attempt)
             if wait is None:
                 return content
-            time.sleep(wait)
+            _wait(wait, stop)
         raise AssertionError("unreachable")
 
     async def _aexchange(
@@ -508,6 +628,26 @@ class RemoteEmbedder:
                 f"the e5v server at {self.base_url} is still loading its model; retry once /ready is 200"
             )
         return info.model_dump()
+
+
+class _Stopped(Exception):
+    """A request of a call given up because a request before it failed."""
+
+
+def _wait(seconds: float, stop: threading.Event | None) -> None:
+    """Sleep ``seconds``; :class:`_Stopped` as soon as ``stop`` is set."""
+    if stop is None:
+        time.sleep(seconds)
+    elif stop.wait(seconds):
+        raise _Stopped
+
+
+def _stop_after(number: int, futures: dict[Future[np.ndarray], int], stops: list[threading.Event]) -> None:
+    """Stop the requests after request ``number``: those not started never start, the others end at their next try."""
+    for future, later in futures.items():
+        if later > number:
+            stops[later].set()
+            future.cancel()
 
 
 class _DeadlineBackend(httpcore.NetworkBackend):

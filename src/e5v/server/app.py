@@ -37,14 +37,11 @@ from e5v.core.embedder import E5VEmbedder
 from e5v.core.prompts import PRESETS
 from e5v.errors import (
     ConfigurationError,
-    E5VError,
     InvalidInputError,
-    QueueFullError,
     RequestError,
-    RequestTooLargeError,
 )
 from e5v.model.identity import model_identity
-from e5v.server.errors import LastResort, error_response
+from e5v.server.errors import LastResort, error_response, job_answers
 from e5v.server.http import AccessLog, CloseOn408, HostCheck, RequestHeaders, timing
 from e5v.server.metrics import Metrics
 from e5v.server.openapi import PROMETHEUS, add_docs, build_openapi
@@ -331,13 +328,9 @@ def create_app(config: ServerConfig) -> FastAPI:
         try:
             embedder, scheduler = embedder_or_503()
             requests, bodies, encoding = _checked(body, config, embedder)
-            try:
+            with job_answers("input"):
                 future = scheduler.submit(requests, bodies)
-            except QueueFullError as exc:
-                raise RequestError(429, str(exc), kind="rate_limit_error") from None
-            except RequestTooLargeError as exc:
-                raise RequestError(413, str(exc), param="input") from None
-            result = await _wait(asyncio.wrap_future(future), future, request)
+                result = await _wait(asyncio.wrap_future(future), future, request)
             if result is None:
                 return Response(status_code=499)  # the client has gone: nothing to send
             for item in requests:
@@ -444,14 +437,7 @@ async def _wait(waiting: asyncio.Future[Embedded], future: Any, request: Request
         future.cancel()
         waiting.cancel()
         return None
-    try:
-        return waiting.result()
-    except InvalidInputError as exc:
-        raise RequestError(400, str(exc), param="input") from None
-    except RequestTooLargeError as exc:
-        raise RequestError(413, str(exc), param="input") from None
-    except E5VError as exc:
-        raise RequestError(500, str(exc), kind="server_error") from None
+    return waiting.result()
 
 
 async def _disconnected(request: Request) -> None:

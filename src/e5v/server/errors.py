@@ -1,4 +1,7 @@
-"""The last word of ``e5v serve`` on a request that went wrong where no handler expected it.
+"""How ``e5v serve`` answers what went wrong: the error shape, the scheduler's errors, and the last word.
+
+:func:`job_answers` turns the scheduler's refusals and failures into the API's answers, the
+same for every route that submits a job.
 
 :class:`LastResort` is the outermost middleware: an exception that escapes every handler
 becomes a 500 in the API's error shape (a :class:`~e5v.wire.schema.RequestError` that
@@ -10,14 +13,16 @@ plain-text 500: the client's keep-alive connection stays usable.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from e5v.errors import RequestError
+from e5v.errors import E5VError, InvalidInputError, QueueFullError, RequestError, RequestTooLargeError
 from e5v.wire.schema import ErrorBody, ErrorResponse, quoted
 
-__all__ = ["LastResort", "error_response"]
+__all__ = ["LastResort", "error_response", "job_answers"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +39,33 @@ def error_response(
     retry = {"Retry-After": "1"} if status in (429, 503) else {}
     body = ErrorResponse(error=ErrorBody(message=message, type=kind, param=param))
     return JSONResponse(body.model_dump(), status_code=status, headers={**retry, **(headers or {})})
+
+
+@contextmanager
+def job_answers(
+    param: str,
+    *,
+    invalid: Callable[[InvalidInputError], tuple[str, str]] | None = None,
+    too_large: str | None = None,
+) -> Iterator[None]:
+    """Within the block (a job submitted and awaited), the scheduler's errors as :class:`RequestError`:
+    a full queue 429, an invalid item 400, too many pixels 413 and any other failure 500.
+
+    ``param`` is the parameter named by the 400 and the 413; ``invalid`` gives the 400's
+    message and parameter instead, ``too_large`` the 413's message (default: the error's own)."""
+    try:
+        yield
+    except RequestError:
+        raise
+    except QueueFullError as exc:
+        raise RequestError(429, str(exc), kind="rate_limit_error") from None
+    except InvalidInputError as exc:
+        message, named = (str(exc), param) if invalid is None else invalid(exc)
+        raise RequestError(400, message, param=named) from None
+    except RequestTooLargeError as exc:
+        raise RequestError(413, too_large or str(exc), param=param) from None
+    except E5VError as exc:
+        raise RequestError(500, str(exc), kind="server_error") from None
 
 
 class LastResort:

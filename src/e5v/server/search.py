@@ -45,12 +45,11 @@ from e5v.errors import (
     ConfigurationError,
     E5VError,
     InvalidInputError,
-    QueueFullError,
     RequestError,
-    RequestTooLargeError,
     ThumbnailError,
 )
 from e5v.files import open_regular, printable_path
+from e5v.server.errors import job_answers
 from e5v.server.metrics import Metrics
 from e5v.server.page import add_page
 from e5v.server.scheduler import Scheduler
@@ -353,21 +352,13 @@ def _image_bytes(value: str) -> bytes:
 
 async def _embed(item: Item, embedder: E5VEmbedder, scheduler: Scheduler, metrics: Metrics) -> np.ndarray:
     """The query's vector, embedded by the server's scheduler with the collection's prompts."""
-    try:
-        future = scheduler.submit([item], embedder.prompt_bodies())
-    except QueueFullError as exc:
-        raise RequestError(429, str(exc), kind="rate_limit_error") from None
-    except RequestTooLargeError:
-        raise RequestError(413, _too_many_pixels(scheduler), param="image") from None
-    try:
-        result = await asyncio.wrap_future(future)
-    except InvalidInputError as exc:
-        field = "image" if item.images else "text"
-        raise RequestError(400, f"{field}: {exc.reason}", param=field) from None
-    except RequestTooLargeError:
-        raise RequestError(413, _too_many_pixels(scheduler), param="image") from None
-    except E5VError as exc:
-        raise RequestError(500, str(exc), kind="server_error") from None
+    field = "image" if item.images else "text"
+
+    def invalid(exc: InvalidInputError) -> tuple[str, str]:
+        return f"{field}: {exc.reason}", field
+
+    with job_answers("image", invalid=invalid, too_large=_too_many_pixels(scheduler)):
+        result = await asyncio.wrap_future(scheduler.submit([item], embedder.prompt_bodies()))
     metrics.items.labels(item.kind).inc()
     metrics.tokens.inc(sum(result.tokens))
     return result.vectors[0]

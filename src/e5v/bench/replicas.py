@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import logging
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,6 +56,8 @@ RAY_STOP_TIMEOUT = 120.0
 #: The answer header naming the Ray Serve replica that served a request.
 REPLICA_HEADER = "x-e5v-replica"
 _JSON = {"Content-Type": "application/json"}
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -208,8 +211,9 @@ def run_replica_bench(
             str(model), device, replicas, len(corpus), clients, requests_per_client, repeats, request_timeout
         )
         runs: dict[str, list[tuple[float, list[_Record]]]] = {arm.name: [] for arm in arms}
-        for _ in range(repeats):  # every server once a repeat, so that a noisy moment hits them all
+        for repeat in range(repeats):  # every server once a repeat, so that a noisy moment hits them all
             for arm in arms:
+                started = time.monotonic()
                 with ServerProcess(
                     model,
                     *arm.options(gpus_per_replica),
@@ -220,8 +224,18 @@ def run_replica_bench(
                     stop_timeout=STOP_TIMEOUT if arm.replicas is None else RAY_STOP_TIMEOUT,
                 ) as server:
                     port = server.wait()
+                    ready = time.monotonic()
                     load = _Load(server, port, corpus, references, clients, request_timeout)
                     runs[arm.name].append(asyncio.run(load.run(arm.replicas, requests_per_client, ready_timeout)))
+                    loaded = time.monotonic()
+                logger.info(
+                    "repeat %d, %s: ready in %.1f s, warm-up and load %.1f s, stopped in %.1f s",
+                    repeat + 1,
+                    arm.name,
+                    ready - started,
+                    loaded - ready,
+                    time.monotonic() - loaded,
+                )
         for arm in arms:
             command = " ".join(["e5v serve", *arm.options(gpus_per_replica)])
             report.arms.append(_summary(arm, command, runs[arm.name]))

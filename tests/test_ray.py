@@ -22,7 +22,7 @@ ray = pytest.importorskip("ray", reason="the ray extra is not installed (pip ins
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
 
-from e5v.ray import _EmbedBatch, embed_dataset  # noqa: E402
+from e5v.ray.data import _EmbedBatch, embed_dataset  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning:ray")
 

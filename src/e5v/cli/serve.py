@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from e5v.collection.repository import Store
     from e5v.core.embedder import E5VEmbedder
 
-__all__ = ["register"]
+__all__ = ["collection_from_args", "listen", "register", "say_what_is_served", "server_url"]
 
 from e5v.client import API_KEY_ENV_VAR as API_KEY_VARIABLE  # may hold several keys, comma-separated
 
@@ -61,8 +61,15 @@ only once its body is in. Connections over --max-connections are closed at once.
 SIGTERM stops taking connections, lets requests finish for --graceful-shutdown-timeout,
 then cancels the rest and exits.
 
+Ray Serve replicas (the ray extra): --replicas N serves the same app as N replicas, each
+holding one model, on a local Ray cluster e5v starts and stops (or --ray-address ADDR);
+--ray autoscales from --min-replicas to --max-replicas. Every answer names its replica in
+x-e5v-replica. A --db folder is served by one replica at most: use --chroma-url for more.
+--ray-config prints a Ray Serve config (serve run, serve deploy, KubeRay) and exits.
+
 examples:
   e5v serve --model royokong/e5-v
+  e5v serve --model royokong/e5-v --device cuda --replicas 4      # one GPU each
   e5v serve --db e5v_db                      # the search page at http://127.0.0.1:8000/
   E5V_API_KEY=secret e5v serve --model /models/e5-v --host 0.0.0.0 --port 8080
   e5v serve --model tiny-e5v --port 8000     # a tiny random checkpoint (see README)
@@ -194,7 +201,71 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         action="store_false",
         help="embed each request on its own (a baseline for benchmarks)",
     )
+    http.add_argument(
+        "--threads",
+        type=positive,
+        metavar="T",
+        default=None,
+        help="torch's CPU threads, of the server or of each replica (default: torch's own; in a replica, its CPUs)",
+    )
+    _add_ray_options(parser)
     parser.set_defaults(handler=run)
+
+
+def _add_ray_options(parser: argparse.ArgumentParser) -> None:
+    """The options of ``e5v serve`` as Ray Serve replicas (:mod:`e5v.ray.serve`)."""
+    ray = parser.add_argument_group("Ray Serve replicas (the ray extra)")
+    ray.add_argument(
+        "--replicas", type=positive, metavar="N", default=None, help="serve the same app as N Ray Serve replicas"
+    )
+    ray.add_argument(
+        "--ray", action="store_true", help="Ray Serve replicas, autoscaled from --min-replicas to --max-replicas"
+    )
+    ray.add_argument(
+        "--min-replicas", type=natural, metavar="A", default=None, help="with --ray: replicas at least (default: 1)"
+    )
+    ray.add_argument(
+        "--max-replicas", type=positive, metavar="B", default=None, help="with --ray: replicas at most (default: 2)"
+    )
+    ray.add_argument(
+        "--target-ongoing-requests",
+        type=positive_number,
+        metavar="T",
+        default=None,
+        help="with --ray: requests in flight a replica, the autoscaler's target (default: 2)",
+    )
+    ray.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        default=None,
+        help="join this Ray cluster (e.g. auto, ray://head:10001; default: start a local one, stopped at exit)",
+    )
+    ray.add_argument(
+        "--gpus-per-replica",
+        type=non_negative,
+        metavar="G",
+        default=None,
+        help="GPUs each replica holds (default: 1 with --device cuda, else 0)",
+    )
+    ray.add_argument(
+        "--health-check-period",
+        type=seconds,
+        metavar="SECONDS",
+        default=10.0,
+        help="seconds between Ray's health checks of a replica (10)",
+    )
+    ray.add_argument(
+        "--health-check-timeout",
+        type=seconds,
+        metavar="SECONDS",
+        default=30.0,
+        help="seconds a health check may take before Ray replaces the replica (30)",
+    )
+    ray.add_argument(
+        "--ray-config",
+        action="store_true",
+        help="print a Ray Serve config (YAML, for serve run / serve deploy / a KubeRay RayService) and exit",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -207,6 +278,7 @@ def run(args: argparse.Namespace) -> int:
     from e5v.server.http import loopback
 
     keys = _keys(args)
+    ray = _ray_wanted(args)
     served = args.db is not None or args.chroma_url is not None
     if args.db is not None and args.chroma_url is not None:
         raise ConfigurationError("--db and --chroma-url both name a collection's database; give one of them")
@@ -216,11 +288,49 @@ def run(args: argparse.Namespace) -> int:
             f"{flag} serves the collection's files, so --host {args.host} needs a key: set --api-key KEY (or "
             f"${API_KEY_VARIABLE}), or leave --host at 127.0.0.1"
         )
+    if ray:
+        from e5v.cli.serve_ray import serve_replicas
+
+        return serve_replicas(args, keys)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     listener = listen(args.host, args.port)  # a port in use is said before anything loads
     try:
         return _serve(args, keys, listener, uvicorn)
     finally:
         listener.close()
+
+
+def _ray_wanted(args: argparse.Namespace) -> bool:
+    """Whether the options ask for Ray Serve replicas; raises :class:`~e5v.errors.ConfigurationError`
+    for Ray options that need ``--replicas`` or ``--ray``, or both of those."""
+    from e5v.errors import ConfigurationError
+
+    if args.replicas is not None and args.ray:
+        raise ConfigurationError("--replicas serves a fixed number and --ray autoscales; give one of them")
+    autoscaling = [
+        flag
+        for flag, value in (
+            ("--min-replicas", args.min_replicas),
+            ("--max-replicas", args.max_replicas),
+            ("--target-ongoing-requests", args.target_ongoing_requests),
+        )
+        if value is not None
+    ]
+    if autoscaling and not args.ray:
+        raise ConfigurationError(f"{autoscaling[0]} sets Ray's autoscaling; add --ray (or give --replicas N)")
+    ray = args.ray or args.replicas is not None
+    if not ray:
+        given = [
+            flag
+            for flag, value in (("--ray-address", args.ray_address), ("--gpus-per-replica", args.gpus_per_replica))
+            if value is not None
+        ]
+        if given:
+            raise ConfigurationError(f"{given[0]} is for Ray Serve replicas; add --replicas N or --ray")
+    return ray or args.ray_config
 
 
 def _serve(args: argparse.Namespace, keys: list[str], listener: socket.socket, uvicorn: Any) -> int:
@@ -239,12 +349,12 @@ def _serve(args: argparse.Namespace, keys: list[str], listener: socket.socket, u
     if args.max_batch_tokens is not None:
         options["max_batch_tokens"] = args.max_batch_tokens
     if args.db is not None or args.chroma_url is not None:
-        store, model, load = _collection(args, options)
+        store, model, load = collection_from_args(args, options)
     else:
         args.model = args.model or DEFAULT_MODEL
         store, model, load = None, args.model, partial(embedder_from_args, args, **options)
     name = args.served_model_name or model
-    _say_what_is_served(args, model, name, keys, store, listener)
+    say_what_is_served(args, model, name, keys, store, listener)
     config = ServerConfig(
         model_name=name,
         load=load,
@@ -337,14 +447,14 @@ def _cannot_listen(host: str, port: int, exc: OSError) -> str:
     return f"cannot listen on {host}:{port} ({exc.strerror or exc}); pick another --host or --port"
 
 
-def _url(host: str, port: int) -> str:
+def server_url(host: str, port: int) -> str:
     """The URL of the server bound to ``host``:``port``, as a browser on this machine reaches it."""
     if host in ("0.0.0.0", "::", "[::]", ""):
         host = "127.0.0.1"
     return f"http://{f'[{host}]' if ':' in host and not host.startswith('[') else host}:{port}"
 
 
-def _say_what_is_served(
+def say_what_is_served(
     args: argparse.Namespace, model: str, name: str, keys: list[str], store: Store | None, listener: socket.socket
 ) -> None:
     """The start-up lines: the model, the keys, the collection, the URLs."""
@@ -353,13 +463,42 @@ def _say_what_is_served(
         logger.info("keys: on (%d); /v1/* needs Authorization: Bearer KEY", len(keys))
     else:
         logger.info("keys: off; anyone who can reach %s:%s may use /v1/*", args.host, listener.getsockname()[1])
-    url = _url(args.host, listener.getsockname()[1])
+    url = server_url(args.host, listener.getsockname()[1])
     if store is not None:
         where = args.chroma_url or args.db
         records = store.count()
         logger.info("collection: %r in %s, %d record%s", store.name, where, records, "" if records == 1 else "s")
         logger.info("search page: %s/", url)
     logger.info("listening on %s (API docs: %s/docs)", url, url)
+
+
+def natural(value: str) -> int:
+    """A whole number, 0 or more, or argparse's error."""
+    if not value.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {value!r}")
+    return int(value)
+
+
+def positive_number(value: str) -> float:
+    """A positive finite number, or argparse's error."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = 0.0
+    if not 0 < number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
+    return number
+
+
+def non_negative(value: str) -> float:
+    """A finite number, 0 or more (GPUs may be fractions), or argparse's error."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = -1.0
+    if not 0 <= number < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number, 0 or more, got {value!r}")
+    return number
 
 
 def seconds(value: str) -> float:
@@ -404,7 +543,9 @@ def _keys(args: argparse.Namespace) -> list[str]:
     return keys
 
 
-def _collection(args: argparse.Namespace, options: dict[str, Any]) -> tuple[Store, str, Callable[[], E5VEmbedder]]:
+def collection_from_args(
+    args: argparse.Namespace, options: dict[str, Any]
+) -> tuple[Store, str, Callable[[], E5VEmbedder]]:
     """The store of ``--db``, its model's name, and how to load that model with the
     collection's revision, dtype and prompts (as ``e5v search`` does). Raises
     :class:`~e5v.collection.repository.StoreError` for a missing or empty collection, or another ``--model``."""

@@ -1,0 +1,232 @@
+"""``e5v serve --replicas N`` / ``--ray``: the server's app as Ray Serve replicas (:mod:`e5v.ray.serve`)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import threading
+import time
+from typing import TYPE_CHECKING, Any
+
+from e5v.cli.serve import collection_from_args, listen, say_what_is_served, server_url
+from e5v.errors import ModelLoadError
+
+if TYPE_CHECKING:
+    from e5v.ray.serve import ServeOptions
+
+__all__ = ["serve_replicas"]
+
+logger = logging.getLogger("e5v.cli.serve")
+
+#: Defaults of the autoscaling options.
+DEFAULT_MIN_REPLICAS = 1
+DEFAULT_MAX_REPLICAS = 2
+DEFAULT_TARGET_ONGOING_REQUESTS = 2.0
+#: Seconds past --graceful-shutdown-timeout that stopping Serve and Ray may take before e5v exits anyway.
+STOP_MARGIN_S = 30.0
+
+
+def serve_replicas(args: argparse.Namespace, keys: list[str]) -> int:
+    """Serve ``args`` as Ray Serve replicas until SIGTERM or SIGINT (or print their config)."""
+    from e5v.optional import require
+
+    require("ray.serve", "ray")
+    options = serve_options(args, keys)
+    if not args.quiet:  # the start-up and ready lines, without -v
+        logger.setLevel(min(logger.getEffectiveLevel(), logging.INFO))
+    if args.ray_config:
+        print_config(args, options)
+        return 0
+    listener = listen(args.host, args.port)  # a port in use is said before Ray starts
+    port = listener.getsockname()[1]
+    try:
+        if args.db is not None or args.chroma_url is not None:
+            store, model, _ = collection_from_args(
+                args, {}
+            )  # a missing collection or another model: said before Ray starts
+        else:
+            store, model = None, options.model
+        assert model is not None
+        say_what_is_served(args, model, options.served_model_name or model, keys, store, listener)
+    finally:
+        listener.close()  # Ray's proxy binds it
+    return _run(args, options, port)
+
+
+def serve_options(args: argparse.Namespace, keys: list[str]) -> ServeOptions:
+    """The replicas' options from the command line; raises :class:`~e5v.errors.ConfigurationError`."""
+    from e5v.defaults import DEFAULT_MODEL
+    from e5v.ray.serve import ServeOptions
+    from e5v.server.http import allowed_hosts
+
+    gpus = args.gpus_per_replica
+    if gpus is None:
+        gpus = 1.0 if (args.device or "").startswith("cuda") else 0.0
+    min_replicas = DEFAULT_MIN_REPLICAS if args.min_replicas is None else args.min_replicas
+    max_replicas = DEFAULT_MAX_REPLICAS if args.max_replicas is None else args.max_replicas
+    served = args.db is not None or args.chroma_url is not None
+    options = ServeOptions(
+        model=args.model if served else args.model or DEFAULT_MODEL,
+        revision=args.revision,
+        device=args.device,
+        dtype=args.dtype,
+        batch_size=args.batch_size,
+        max_batch_tokens=args.max_batch_tokens,
+        served_model_name=args.served_model_name,
+        threads=args.threads,
+        chroma_url=args.chroma_url,
+        db=None if args.db is None else os.path.abspath(args.db),
+        collection=args.collection,
+        api_keys=keys,
+        api_key_env_var=None,  # the keys of $E5V_API_KEY are in `keys` already
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_client_batch_size=args.max_client_batch_size,
+        payload_limit=args.payload_limit,
+        max_request_pixels=args.max_request_pixels,
+        body_timeout=args.body_timeout,
+        allowed_hosts=allowed_hosts(args.host, keyed=bool(keys), extra=args.allowed_hosts),
+        cors_origins=args.cors_origin,
+        allow_remote_images=args.allow_remote_images,
+        access_log=args.access_log,
+        batching=args.batching,
+        replicas=args.replicas or 1,
+        autoscale=args.ray,
+        min_replicas=min_replicas,
+        max_replicas=max_replicas,
+        target_ongoing_requests=args.target_ongoing_requests or DEFAULT_TARGET_ONGOING_REQUESTS,
+        gpus_per_replica=gpus,
+        graceful_shutdown_timeout=args.graceful_shutdown_timeout,
+        health_check_period=args.health_check_period,
+        health_check_timeout=args.health_check_timeout,
+    )
+    return options.checked()
+
+
+def print_config(args: argparse.Namespace, options: ServeOptions) -> None:
+    """Print the Ray Serve config of ``options`` (``serve run``/``serve deploy``, a RayService's
+    ``serveConfigV2``): the proxy's address and one application built by ``e5v.ray.serve:build``.
+    Keys are left out: set ``$E5V_API_KEY`` in the replicas' environment."""
+    import sys
+
+    import yaml
+
+    from e5v.ray.serve import APP_NAME, IMPORT_PATH, ServeOptions
+
+    defaults = ServeOptions()
+    given = {
+        name: value
+        for name, value in options.model_dump(exclude={"api_keys", "api_key_env_var"}).items()
+        if value != getattr(defaults, name)
+    }
+    config = {
+        "proxy_location": "EveryNode",
+        "http_options": {"host": args.host, "port": args.port, "keep_alive_timeout_s": args.keep_alive_timeout},
+        "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": given}],
+    }
+    sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
+
+
+def _run(args: argparse.Namespace, options: ServeOptions, port: int) -> int:
+    """Start (or join) Ray, run the application, say it is ready, and wait for a signal."""
+    import ray
+    from ray import serve
+
+    from e5v.ray.serve import APP_NAME, build_app
+
+    if not args.verbose:
+        for name in ("ray", "ray.serve"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    stop = threading.Event()
+    handlers = {number: signal.signal(number, lambda *_: stop.set()) for number in (signal.SIGTERM, signal.SIGINT)}
+    owned = args.ray_address is None
+    started = time.perf_counter()
+    try:
+        if owned:
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local cluster reports nothing anywhere
+            logging.getLogger("ray._private.authentication").setLevel(logging.ERROR)  # "token auth is on": it is
+            replicas = options.most_replicas
+            ray.init(
+                address="local",
+                num_cpus=max(os.cpu_count() or 1, replicas * (options.threads or 1)),
+                include_dashboard=False,
+                logging_level=logging.INFO if args.verbose else logging.WARNING,
+                log_to_driver=bool(args.verbose),
+                configure_logging=False,
+            )
+        else:
+            ray.init(address=args.ray_address, logging_level=logging.WARNING, configure_logging=False)
+        for number in handlers:  # ray.init installs its own
+            signal.signal(number, lambda *_: stop.set())
+        serve.start(
+            http_options={"host": args.host, "port": port, "keep_alive_timeout_s": int(args.keep_alive_timeout)}
+        )
+        try:
+            serve.run(build_app(options), name=APP_NAME, route_prefix="/")
+        except RuntimeError as exc:
+            raise ModelLoadError(f"the replicas did not start: {_reason(exc)}") from None
+        _say_ready(args, options, port, time.perf_counter() - started)
+        while not stop.wait(1.0):
+            pass
+        logger.info("stopping: requests in flight have %g s to finish", args.graceful_shutdown_timeout)
+        return 0
+    finally:
+        for number in handlers:
+            signal.signal(number, signal.SIG_IGN)  # a second signal does not cut the shutdown short
+        _shutdown(args.graceful_shutdown_timeout + STOP_MARGIN_S)
+        for number, handler in handlers.items():
+            signal.signal(number, handler)
+
+
+def _shutdown(limit: float) -> None:
+    """Stop the application within ``limit`` seconds, then leave Ray (a cluster e5v started stops)."""
+    import ray
+    from ray import serve
+
+    from e5v.ray.serve import APP_NAME
+
+    def stop() -> None:
+        try:
+            if ray.is_initialized():
+                serve.delete(APP_NAME)  # its replicas drain, then stop; ray.shutdown stops the rest of an owned cluster
+        except Exception as exc:  # Ray's own failure to stop: said, and the cluster still goes
+            logger.warning("Ray Serve did not stop cleanly: %s", exc)
+
+    stopping = threading.Thread(target=stop, name="e5v-ray-stop", daemon=True)
+    stopping.start()
+    stopping.join(limit)
+    if stopping.is_alive():
+        logger.warning("Ray Serve did not stop within %g s; stopping Ray", limit)
+    ray.shutdown()
+
+
+def _reason(exc: BaseException) -> str:
+    """The e5v error behind a failed deployment (the last line naming one), else Ray's last line."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        name, _, message = line.partition(": ")
+        if name.startswith("e5v.errors.") and message:
+            return message
+    return lines[-1] if lines else type(exc).__name__
+
+
+def _say_ready(args: argparse.Namespace, options: ServeOptions, port: int, took: float) -> None:
+    """One ``ready`` line, from the application's ``/info`` (as a client sees it)."""
+    import httpx
+
+    url = server_url(args.host, port)
+    info: dict[str, Any] = httpx.get(f"{url}/info", timeout=30).json()
+    if options.autoscale:
+        scale = f"{options.min_replicas} to {options.max_replicas} replicas (autoscaled)"
+    else:
+        scale = f"{options.replicas} replica{'' if options.replicas == 1 else 's'}"
+    logger.info(
+        "ready: %s, %s-d, on %s in %s, %s on Ray Serve, up in %.1f s",
+        info.get("model"),
+        info.get("dimension"),
+        info.get("device"),
+        info.get("dtype"),
+        scale,
+        took,
+    )

@@ -25,13 +25,13 @@ is ``e5v.ray.serve:build``, for ``serve run``/``serve deploy`` and a KubeRay Ray
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, Literal
 
-import httpx
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, field_validator
 from ray import serve
 
@@ -247,16 +247,14 @@ class E5VReplica:
             raise ModelLoadError(f"replica {self._replica} is not ready: {problem}")
 
     async def _problem(self) -> str | None:
-        """``None`` when the app's ``/ready`` says ready, ``"loading"`` while it loads, else why not."""
+        """``None`` when the app's readiness probe (its ``/ready``) says ready, ``"loading"``
+        while the model loads, else why not."""
         assert self._app is not None
-        transport = httpx.ASGITransport(app=self._app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as client:
-            answer = await client.get("/ready")
+        answer = await self._app.state.ready()
         if answer.status_code == 200:
             return None
-        if answer.status_code == 503:
-            return "loading"
-        return str(answer.json().get("error") or answer.text)
+        said = json.loads(answer.body)
+        return "loading" if said["status"] == "loading" else str(said["error"])
 
 
 class _ReplicaHeader:

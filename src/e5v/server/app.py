@@ -105,12 +105,14 @@ class _TimedScheduler(Scheduler):
 
 
 class _State:
-    """The loaded embedder and its scheduler (``None`` while loading), and a load failure."""
+    """The loaded embedder and its scheduler (``None`` while loading), a load failure, and
+    whether the scheduler is serving rounds."""
 
     def __init__(self) -> None:
         self.embedder: E5VEmbedder | None = None
         self.scheduler: Scheduler | None = None
         self.failure: str | None = None
+        self.serving = False  # the scheduler runs rounds (until the app stops, or its thread dies)
         self.model_id: str | None = None  # the loaded model's identity (e5v.model.identity)
         self.in_flight = 0
         self.started = int(time.time())
@@ -142,6 +144,7 @@ def create_app(config: ServerConfig) -> FastAPI:
             thread=False,
         )
         state.model_id = model_identity(embedder.model_name)
+        state.serving = True
         state.scheduler, state.embedder = scheduler, embedder
         logger.info(
             "ready: %s, %d-d, on %s in %s, loaded in %.1f s",
@@ -151,7 +154,10 @@ def create_app(config: ServerConfig) -> FastAPI:
             str(embedder.dtype).removeprefix("torch."),
             time.perf_counter() - started,
         )
-        scheduler.serve()  # on the thread that loaded the model
+        try:
+            scheduler.serve()  # on the thread that loaded the model
+        finally:
+            state.serving = False
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -224,13 +230,17 @@ def create_app(config: ServerConfig) -> FastAPI:
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/ready", summary="Readiness: 200 once the model is loaded, 503 before")
+    @app.get("/ready", summary="Readiness: 200 once the model is loaded, 503 before and once its scheduler stops")
     async def ready() -> JSONResponse:
         if state.failure is not None:
             return JSONResponse({"status": "failed", "error": state.failure}, status_code=500)
         if state.embedder is None:
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})
+        if not state.serving:
+            return JSONResponse({"status": "stopped", "error": "the model's scheduler has stopped"}, status_code=503)
         return JSONResponse({"status": "ready"})
+
+    app.state.ready = ready  # the probe as a call, for hosts that check readiness without HTTP (e5v.ray.serve)
 
     @app.get("/info", summary="The model and the server's limits")
     async def info() -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""For the scale-out tests: a counting proxy in front of a real ``e5v serve``, and a real ``chroma run``.
+"""For the scale-out tests: a counting proxy in front of a real ``e5v serve``, ``e5v serve --replicas``,
+and a real ``chroma run``.
 
 The proxy forwards every request as it came and every answer as it went (status, body, headers
 but those of the hop); it counts the embedding requests, the most of them in flight at once, and
@@ -8,8 +9,11 @@ body holds it is answered 500 without being forwarded (a replica that breaks).
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -24,6 +28,7 @@ from serving import free_port
 #: Headers of one hop, not passed on.
 HOP = {"connection", "keep-alive", "transfer-encoding", "content-length", "host", "content-encoding"}
 CHROMA_STARTUP_S = 60
+REPLICAS_STARTUP_S = 300  # Ray starts, then each replica loads the model, on 2 busy cores
 
 
 class CountingProxy:
@@ -103,6 +108,45 @@ class CountingProxy:
         handler.send_header("Content-Length", str(len(body)))
         handler.end_headers()
         handler.wfile.write(body)
+
+
+@contextmanager
+def replicas(model: Path, count: int, env: dict[str, str], timeout: float = REPLICAS_STARTUP_S) -> Iterator[str]:
+    """``e5v serve --model MODEL --replicas COUNT --threads 1`` (its own Ray cluster) on a free port: its URL,
+    once ``/ready`` is 200. Stopped by SIGTERM (the cluster it started stops with it), else killed with its group."""
+    port = free_port()
+    command = [sys.executable, "-m", "e5v", "serve", "--model", str(model), "--replicas", str(count), "--threads", "1"]
+    with tempfile.TemporaryFile("w+") as log:
+        process = subprocess.Popen(
+            [*command, "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={**env, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"},
+            start_new_session=True,  # Ray's processes with it, to be ended together if it will not stop
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + timeout
+            while True:
+                if process.poll() is not None:
+                    log.seek(0)
+                    raise AssertionError(f"e5v serve --replicas exited: {log.read()[-3000:]}")
+                try:
+                    if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                assert time.monotonic() < deadline, f"e5v serve --replicas was not ready within {timeout:.0f} s"
+                time.sleep(0.5)
+            yield url
+        finally:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=30)
 
 
 @contextmanager

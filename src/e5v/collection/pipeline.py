@@ -4,7 +4,9 @@ Files are walked (:mod:`e5v.collection.files`), read into records
 (:mod:`e5v.collection.records`; a PDF page by page, :mod:`e5v.collection.pages`),
 embedded a group at a time along ONE path (:func:`_embed`: the group together, else unit
 by unit to leave out what is bad) and written to the store
-(:class:`~e5v.collection.repository.Store`), markers last.
+(:class:`~e5v.collection.repository.Store`), markers last. Through a server whose client
+sends several requests at once (``RemoteEmbedder(max_in_flight=N)``), a group holds
+enough records for N requests in flight.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any, Literal, TypeVar
 
 import numpy as np
 
-from e5v.client import Embedder
+from e5v.client import Embedder, RemoteEmbedder
 from e5v.collection.files import SUPPORTED_SUFFIXES, SkippedPath, walk
 from e5v.collection.pages import PageRecords, read_pages
 from e5v.collection.passages import DEFAULT_MAX_CHARS
@@ -39,7 +41,8 @@ __all__ = ["IndexSummary", "index_files"]
 
 logger = logging.getLogger(__name__)
 
-#: Records embedded (and written) together: this many forward batches' worth.
+#: Records embedded (and written) together: this many forward batches' worth (through a server
+#: taking N requests at once, at least N: each request is one batch).
 BATCHES_PER_WRITE = 4
 #: PDF pages rendered, embedded and written together (16 renderings: at most 21 MB).
 PDF_PAGES_PER_WRITE = 16
@@ -116,7 +119,9 @@ def index_files(
     and skipped, and its older records are deleted. ``prune`` deletes the records of
     every stored file that no longer exists. ``batch_size`` is the most items a forward
     pass (``"auto"``: the embedder's); records are embedded and written
-    :data:`BATCHES_PER_WRITE` batches' worth at a time.
+    :data:`BATCHES_PER_WRITE` batches' worth at a time, or ``max_in_flight`` batches'
+    worth through a :class:`~e5v.client.RemoteEmbedder` that sends more requests at
+    once, so that they are all in flight.
 
     PDFs are read, embedded and written :data:`PDF_PAGES_PER_WRITE` pages at a time,
     each page as the records ``pdf_records`` names (:func:`~e5v.collection.records.record_kinds`;
@@ -169,7 +174,7 @@ def index_files(
         if staged:
             total = sum(len(file.records) for file in staged)
             with tqdm(total=total, desc="Embedding", unit="item", disable=not progress) as bar:
-                for group in _groups(staged, size * BATCHES_PER_WRITE):
+                for group in _groups(staged, size * _batches_per_write(embedder)):
                     written = _embed(embedder, group, lambda file: _items(file.records), size, file_failed)
                     if written:
                         store.write([file for file, _ in written], np.concatenate([vectors for _, vectors in written]))
@@ -253,6 +258,13 @@ def _index_pdf(
     store.drop_except(file.path, written | {marker[0].id})
     store.put([marker[0]], marker[1].reshape(1, -1))
     return len(written) + 1, left_out, None
+
+
+def _batches_per_write(embedder: Embedder) -> int:
+    """Forward batches' worth of records embedded together: :data:`BATCHES_PER_WRITE`, or the
+    requests a remote embedder has in flight if more, so that each of them is busy."""
+    in_flight = embedder.max_in_flight if isinstance(embedder, RemoteEmbedder) else 1
+    return max(BATCHES_PER_WRITE, in_flight)
 
 
 def _groups(files: Sequence[FileRecords], size: int) -> Iterator[list[FileRecords]]:

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from e5v.client import API_KEY_ENV_VAR, Embedder, RemoteEmbedder
+from e5v.client import API_KEY_ENV_VAR, DEFAULT_MAX_IN_FLIGHT, Embedder, RemoteEmbedder
 from e5v.collection.binding import FUNCTION_NAME, Binding, dtype_name, model_key, served_identity
 from e5v.collection.records import BOOKKEEPING, FileRecords, Record, Stored, Unchanged
 from e5v.core.embedder import E5VEmbedder
@@ -392,15 +392,17 @@ class Store:
         dtype: str | None = None,
         batch_size: int | Literal["auto"] = "auto",
         server: str | None = None,
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> Embedder:
         """Load the model (checked by :meth:`model`), or with ``server`` use that ``e5v
-        serve`` (its model checked the same way), then create the database and the
-        collection if needed, or rebind an empty collection to this model."""
+        serve`` (its model checked the same way, ``max_in_flight`` requests at once: see
+        :class:`~e5v.client.RemoteEmbedder`), then create the database and the collection
+        if needed, or rebind an empty collection to this model."""
         remote = None if server is None else RemoteEmbedder(server)
         name = self.model(model if remote is None else remote, revision)  # a server's model, checked like any other
         if self._bound() is None and self.binding is not None and (model is not None or remote is not None):
             self.binding = None  # an empty collection: the options asked for, not its old ones
-        binding, embedder = self._embedder(name, remote, revision, device, dtype, batch_size)
+        binding, embedder = self._embedder(name, remote, revision, device, dtype, batch_size, max_in_flight)
         seen = None if self.collection is None else self.collection.id
         with self._locked(f"creating the collection {self.name!r}"):
             self._load()  # another process may have made it meanwhile
@@ -451,6 +453,7 @@ class Store:
         device: str | None,
         dtype: str | None,
         batch_size: int | Literal["auto"],
+        max_in_flight: int = DEFAULT_MAX_IN_FLIGHT,
     ) -> tuple[Binding, Embedder]:
         """The binding to store and the embedder to embed with: the collection's revision,
         dtype and prompts by default. Loads the model (a failure leaves nothing behind)."""
@@ -458,7 +461,7 @@ class Store:
         prompts = None if stored is None else stored.prompts
         if remote is not None:
             preset = prompts if isinstance(prompts, str) else "e5v"
-            embedder: Embedder = RemoteEmbedder(remote.base_url, prompts=preset)
+            embedder: Embedder = RemoteEmbedder(remote.base_url, prompts=preset, max_in_flight=max_in_flight)
             binding = Binding(
                 name,
                 batch_size=batch_size,

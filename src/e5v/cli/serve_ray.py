@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
@@ -202,8 +203,16 @@ def _shutdown(limit: float) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    """The e5v error behind a failed deployment (the last line naming one), else Ray's last line."""
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    """Why the deployment failed: the e5v error its replicas raised (the last line of the
+    deployment's status naming one), else Ray's own last line."""
+    from ray import serve
+
+    from e5v.ray.serve import APP_NAME, DEPLOYMENT_NAME
+
+    said = str(exc)
+    with contextlib.suppress(KeyError, RuntimeError):  # no status to read: Ray's exception says what there is
+        said = serve.status().applications[APP_NAME].deployments[DEPLOYMENT_NAME].message or said
+    lines = [line.strip() for line in said.splitlines() if line.strip()]
     for line in reversed(lines):
         name, _, message = line.partition(": ")
         if name.startswith("e5v.errors.") and message:

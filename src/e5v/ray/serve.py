@@ -228,12 +228,11 @@ class E5VReplica:
 
         @asynccontextmanager
         async def loaded(app: FastAPI) -> AsyncIterator[Any]:
-            """The app's lifespan, its start-up done once the model has loaded (or failed to)."""
+            """The app's lifespan, its start-up done once the model has loaded or failed to
+            (then Ray's first health check fails the replica, saying why)."""
             async with started(app) as state:
-                while (problem := await self._problem()) == "loading":
+                while await self._problem() == "loading":
                     await asyncio.sleep(_LOAD_POLL_S)
-                if problem is not None:
-                    raise ModelLoadError(f"replica {self._replica}: {problem}")
                 yield state
 
         app.router.lifespan_context = loaded

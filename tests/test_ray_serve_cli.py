@@ -1,0 +1,151 @@
+"""``e5v serve --replicas N`` / ``--ray`` on the command line: options refused in one line
+before Ray starts, ``--ray-config``, and real subprocesses that start a local Ray cluster,
+serve, and leave no Ray process behind when stopped or when their model fails to load."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+import yaml
+from serving import KEY, free_port
+
+pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install 'e5v[ray]')")
+
+from e5v.cli import main
+from e5v.ray.serve import IMPORT_PATH, REPLICA_HEADER
+
+START_S = 300  # a local Ray cluster and two replicas start in about 90 s on 2 busy cores
+
+
+def refusal(capsys: pytest.CaptureFixture[str], *arguments: str) -> str:
+    assert main(["serve", *arguments]) == 2
+    said = capsys.readouterr().err.strip()
+    assert said.startswith("e5v serve: error: ") and "\n" not in said and "Traceback" not in said, said
+    return said
+
+
+def test_an_embedded_db_with_more_than_one_replica_is_refused(tmp_path: Path, capsys) -> None:
+    for scale in (["--replicas", "2"], ["--ray", "--max-replicas", "3"]):
+        said = refusal(capsys, "--db", str(tmp_path), *scale)
+        assert "--db" in said and "one process only may open" in said
+        assert "`chroma run --path DIR`" in said and "--chroma-url" in said
+    assert not any(tmp_path.iterdir())  # refused before anything opened the folder
+
+
+def test_ray_options_without_replicas_or_both_ways_are_refused(capsys) -> None:
+    assert "add --ray" in refusal(capsys, "--min-replicas", "2")
+    assert "add --replicas N or --ray" in refusal(capsys, "--ray-address", "auto")
+    assert "give one of them" in refusal(capsys, "--replicas", "2", "--ray")
+    said = refusal(capsys, "--ray", "--min-replicas", "3", "--max-replicas", "2")
+    assert "--min-replicas 3 is over --max-replicas 2" in said
+
+
+def test_ray_config_prints_a_serve_config(tiny_path: Path, capsys, monkeypatch) -> None:
+    monkeypatch.setenv("E5V_API_KEY", "a-secret")
+    arguments = ["--model", str(tiny_path), "--ray", "--min-replicas", "1", "--max-replicas", "4", "--threads", "2"]
+    assert main(["serve", *arguments, "--port", "9000", "--ray-config"]) == 0
+    out = capsys.readouterr().out
+    config = yaml.safe_load(out)
+    assert config["http_options"]["port"] == 9000
+    (application,) = config["applications"]
+    assert application["import_path"] == IMPORT_PATH == "e5v.ray.serve:build"
+    assert application["route_prefix"] == "/"
+    assert application["args"]["model"] == str(tiny_path)
+    assert application["args"]["autoscale"] is True and application["args"]["max_replicas"] == 4
+    assert application["args"]["threads"] == 2
+    assert "a-secret" not in out  # keys stay in the replicas' environment
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    return psutil.Process(pid).children(recursive=True)
+
+
+def _gone(processes: list[psutil.Process]) -> list[psutil.Process]:
+    """Those of ``processes`` still running (a zombie has exited)."""
+    running = []
+    for process in processes:
+        try:
+            if process.is_running() and process.status() != psutil.STATUS_ZOMBIE:
+                running.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    return running
+
+
+def test_sigterm_stops_the_replicas_and_the_ray_cluster_it_started(tiny_path: Path) -> None:
+    port = free_port()
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - read after the process has gone
+    env = {**os.environ, "E5V_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    command = [sys.executable, "-m", "e5v", "serve", "--model", str(tiny_path), "--replicas", "2", "--threads", "1"]
+    process = subprocess.Popen(
+        [*command, "--port", str(port), "--graceful-shutdown-timeout", "3"],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    url = f"http://127.0.0.1:{port}"
+    ray_processes: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + START_S
+        while time.monotonic() < deadline:  # bounded: poll /ready until 200
+            assert process.poll() is None, "the server exited"
+            try:
+                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        answer = httpx.post(
+            f"{url}/v1/embeddings", json={"input": ["a cat"]}, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
+        )
+        assert answer.status_code == 200 and answer.headers[REPLICA_HEADER]
+        ray_processes = _descendants(process.pid)
+        assert any("raylet" in " ".join(child.cmdline()) for child in ray_processes)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while _gone(ray_processes) and time.monotonic() < deadline:  # bounded: Ray's last processes exit
+        time.sleep(0.5)
+    assert not _gone(ray_processes), [" ".join(child.cmdline())[:100] for child in _gone(ray_processes)]
+    log.seek(0)
+    said = log.read()
+    assert "ready: " in said and "2 replicas on Ray Serve" in said, said
+    assert "keys: on (1)" in said
+    assert "Traceback" not in said, said
+
+
+def test_a_model_that_cannot_load_is_one_line_and_leaves_no_ray(tmp_path: Path) -> None:
+    command = [sys.executable, "-m", "e5v", "serve", "--model", str(tmp_path / "nothing"), "--replicas", "1"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    process = subprocess.Popen(
+        [*command, "--threads", "1", "--port", str(free_port())], stderr=subprocess.PIPE, text=True, env=env
+    )
+    children: list[psutil.Process] = []
+    deadline = time.monotonic() + 60
+    while not children and process.poll() is None and time.monotonic() < deadline:  # its Ray processes, once there
+        children = [child for child in _descendants(process.pid) if "raylet" in " ".join(child.cmdline())]
+        time.sleep(0.5)
+    try:
+        _, err = process.communicate(timeout=START_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert process.returncode == 2
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("e5v serve: error: the replicas did not start: "), err
+    assert "no checkpoint folder" in last and str(tmp_path / "nothing") in last
+    assert "Traceback" not in err
+    assert children and not _gone(children)

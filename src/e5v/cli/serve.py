@@ -232,7 +232,7 @@ def _add_ray_options(parser: argparse.ArgumentParser) -> None:
         type=positive_number,
         metavar="T",
         default=None,
-        help="with --ray: requests in flight a replica, the autoscaler's target (default: 2)",
+        help="with --ray: requests in flight a replica, Ray's autoscaling target (default: 2)",
     )
     ray.add_argument(
         "--ray-address",

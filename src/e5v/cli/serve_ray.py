@@ -21,10 +21,6 @@ __all__ = ["serve_replicas"]
 
 logger = logging.getLogger("e5v.cli.serve")
 
-#: Defaults of the autoscaling options.
-DEFAULT_MIN_REPLICAS = 1
-DEFAULT_MAX_REPLICAS = 2
-DEFAULT_TARGET_ONGOING_REQUESTS = 2.0
 #: Seconds past --graceful-shutdown-timeout that stopping Serve and Ray may take before e5v exits anyway.
 STOP_MARGIN_S = 30.0
 
@@ -65,9 +61,12 @@ def serve_options(args: argparse.Namespace, keys: list[str]) -> ServeOptions:
     gpus = args.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if (args.device or "").startswith("cuda") else 0.0
-    min_replicas = DEFAULT_MIN_REPLICAS if args.min_replicas is None else args.min_replicas
-    max_replicas = DEFAULT_MAX_REPLICAS if args.max_replicas is None else args.max_replicas
     served = args.db is not None or args.chroma_url is not None
+    scaling = {
+        name: getattr(args, name)
+        for name in ("min_replicas", "max_replicas", "target_ongoing_requests")
+        if getattr(args, name) is not None
+    }
     options = ServeOptions(
         model=args.model if served else args.model or DEFAULT_MODEL,
         revision=args.revision,
@@ -94,9 +93,7 @@ def serve_options(args: argparse.Namespace, keys: list[str]) -> ServeOptions:
         batching=args.batching,
         replicas=args.replicas or 1,
         autoscale=args.ray,
-        min_replicas=min_replicas,
-        max_replicas=max_replicas,
-        target_ongoing_requests=args.target_ongoing_requests or DEFAULT_TARGET_ONGOING_REQUESTS,
+        **scaling,
         gpus_per_replica=gpus,
         graceful_shutdown_timeout=args.graceful_shutdown_timeout,
         health_check_period=args.health_check_period,
@@ -116,14 +113,15 @@ def print_config(args: argparse.Namespace, options: ServeOptions) -> None:
     from e5v.ray.serve import APP_NAME, IMPORT_PATH, ServeOptions
 
     defaults = ServeOptions()
+    left_out = {"api_keys", "api_key_env_var"}
+    if not options.autoscale:
+        left_out |= {"min_replicas", "max_replicas", "target_ongoing_requests"}
     given = {
-        name: value
-        for name, value in options.model_dump(exclude={"api_keys", "api_key_env_var"}).items()
-        if value != getattr(defaults, name)
+        name: value for name, value in options.model_dump(exclude=left_out).items() if value != getattr(defaults, name)
     }
     config = {
         "proxy_location": "EveryNode",
-        "http_options": {"host": args.host, "port": args.port, "keep_alive_timeout_s": args.keep_alive_timeout},
+        "http_options": {"host": args.host, "port": args.port, "keep_alive_timeout_s": _whole(args.keep_alive_timeout)},
         "applications": [{"name": APP_NAME, "route_prefix": "/", "import_path": IMPORT_PATH, "args": given}],
     }
     sys.stdout.write(yaml.safe_dump(config, sort_keys=False))
@@ -161,7 +159,7 @@ def _run(args: argparse.Namespace, options: ServeOptions, port: int) -> int:
         for number in handlers:  # ray.init installs its own
             signal.signal(number, lambda *_: stop.set())
         serve.start(
-            http_options={"host": args.host, "port": port, "keep_alive_timeout_s": int(args.keep_alive_timeout)}
+            http_options={"host": args.host, "port": port, "keep_alive_timeout_s": _whole(args.keep_alive_timeout)}
         )
         try:
             serve.run(build_app(options), name=APP_NAME, route_prefix="/")
@@ -178,6 +176,11 @@ def _run(args: argparse.Namespace, options: ServeOptions, port: int) -> int:
         _shutdown(args.graceful_shutdown_timeout + STOP_MARGIN_S)
         for number, handler in handlers.items():
             signal.signal(number, handler)
+
+
+def _whole(seconds: float) -> int:
+    """Seconds as Ray's proxy takes them: whole, at least 1."""
+    return max(1, round(seconds))
 
 
 def _shutdown(limit: float) -> None:

@@ -101,7 +101,7 @@ class ServeOptions(BaseModel):
     replicas: PositiveInt = 1
     autoscale: bool = False
     min_replicas: int = Field(default=1, ge=0)
-    max_replicas: PositiveInt = 1
+    max_replicas: PositiveInt = 2
     target_ongoing_requests: PositiveFloat = 2.0
     gpus_per_replica: float = Field(default=0.0, ge=0)
     graceful_shutdown_timeout: PositiveFloat = 10.0

@@ -1,6 +1,7 @@
 """``e5v serve --replicas N`` / ``--ray`` on the command line: options refused in one line
 before Ray starts, ``--ray-config``, and real subprocesses that start a local Ray cluster,
-serve, and leave no Ray process behind when stopped or when their model fails to load."""
+serve (a Chroma server's collection from two replicas), and leave no Ray process behind when stopped
+or when their model fails to load."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -81,11 +84,46 @@ def _gone(processes: list[psutil.Process]) -> list[psutil.Process]:
     return running
 
 
-def test_sigterm_stops_the_replicas_and_the_ray_cluster_it_started(tiny_path: Path) -> None:
+@pytest.fixture
+def chroma_url(tmp_path: Path) -> Iterator[str]:
+    """A ``chroma run`` server on a free loopback port."""
+    port = free_port()
+    chroma = Path(sys.executable).parent / "chroma"
+    process = subprocess.Popen(
+        [str(chroma), "run", "--path", str(tmp_path / "chroma"), "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:  # bounded: until its heartbeat answers
+            assert process.poll() is None, "chroma run exited"
+            try:
+                if httpx.get(f"{url}/api/v2/heartbeat", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+
+
+def test_replicas_serve_a_chroma_servers_collection_and_sigterm_stops_their_ray(
+    tiny_path: Path, tmp_path: Path, chroma_url: str
+) -> None:
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "coffee.txt").write_text("espresso brewing at dawn")
+    (notes / "cats.txt").write_text("cats sleep all day on the sofa")
+    assert main(["index", str(notes), "--chroma-url", chroma_url, "--model", str(tiny_path)]) == 0
     port = free_port()
     log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - read after the process has gone
     env = {**os.environ, "E5V_API_KEY": KEY, "HF_HUB_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-    command = [sys.executable, "-m", "e5v", "serve", "--model", str(tiny_path), "--replicas", "2", "--threads", "1"]
+    command = [sys.executable, "-m", "e5v", "serve", "--chroma-url", chroma_url, "--replicas", "2", "--threads", "1"]
     process = subprocess.Popen(
         [*command, "--port", str(port), "--graceful-shutdown-timeout", "3"],
         stdout=log,
@@ -108,6 +146,21 @@ def test_sigterm_stops_the_replicas_and_the_ray_cluster_it_started(tiny_path: Pa
             f"{url}/v1/embeddings", json={"input": ["a cat"]}, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
         )
         assert answer.status_code == 200 and answer.headers[REPLICA_HEADER]
+
+        def search(_: int) -> httpx.Response:
+            body = {"text": "espresso brewing at dawn", "k": 2, "group": "none"}
+            return httpx.post(f"{url}/v1/search", json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+
+        seen: set[str] = set()
+        for _ in range(10):  # bounded: concurrent searches reach both replicas
+            with ThreadPoolExecutor(4) as pool:
+                for found in pool.map(search, range(12)):
+                    assert found.status_code == 200, found.text
+                    assert Path(found.json()["hits"][0]["path"]).name == "coffee.txt"
+                    seen.add(found.headers[REPLICA_HEADER])
+            if len(seen) == 2:
+                break
+        assert len(seen) == 2, seen
         ray_processes = _descendants(process.pid)
         assert any("raylet" in " ".join(child.cmdline()) for child in ray_processes)
         process.send_signal(signal.SIGTERM)
@@ -123,7 +176,7 @@ def test_sigterm_stops_the_replicas_and_the_ray_cluster_it_started(tiny_path: Pa
     log.seek(0)
     said = log.read()
     assert "ready: " in said and "2 replicas on Ray Serve" in said, said
-    assert "keys: on (1)" in said
+    assert "keys: on (1)" in said and f"collection: 'e5v' in {chroma_url}, 2 records" in said
     assert "Traceback" not in said, said
 
 

@@ -26,7 +26,10 @@ class Feature:
 
 FEATURES: dict[str, Feature] = {
     "train": Feature("training (e5v train, e5v.training) and LoRA adapters", 'pip install "e5v[train]"'),
-    "ray": Feature("bulk embedding on Ray Data (e5v embed-dataset, e5v.ray)", 'pip install "e5v[ray]"'),
+    "ray": Feature(
+        "Ray (e5v embed-dataset and e5v.ray.data on Ray Data; e5v serve --replicas and e5v.ray.serve on Ray Serve)",
+        'pip install "e5v[ray]"',
+    ),
     "bench": Feature("the benchmark's photos (e5v bench)", 'pip install "e5v[bench]"'),
     "chroma": Feature(
         "indexing and search (e5v index, e5v search, e5v.collection.repository)",

@@ -206,3 +206,34 @@ def test_a_large_folder_through_two_replicas_is_indexed_exactly_by_both(
         assert (status, err) == (0, "") and proxy.embeddings == 0
         assert out.startswith(f"indexed 0 files (0 records), skipped {MANY} unchanged, failed 0")
     same(served(chroma, "many"), expected)
+
+
+def test_bad_files_through_a_server_cost_a_few_requests_and_fail_as_in_process(
+    capsys: pytest.CaptureFixture[str],
+    key: None,
+    proxy: CountingProxy,
+    chroma: str,
+    tiny_path: Path,
+    tmp_path: Path,
+) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for number in range(120):
+        (corpus / f"note{number:03d}.txt").write_text(note(number))
+    bad = [corpus / "note017.txt", corpus / "note088.txt"]
+    for path in bad:
+        path.write_text("A note about the <image> placeholder.\n")
+    options = ["--batch-size", "4"]  # groups of 16 records, 4 requests each
+    status, out, expected_err = index(capsys, corpus, "--db", str(tmp_path / "db"), "--model", str(tiny_path), *options)
+    assert status == 1 and ", failed 2" in out
+    expected = records(chromadb.PersistentClient(path=str(tmp_path / "db")), "e5v")
+    proxy.reset()
+    remote = ["--server", proxy.url, "--concurrency", str(CONCURRENCY), "--chroma-url", chroma, "--collection", "bad"]
+    status, out, err = index(capsys, corpus, *remote, *options)
+    assert status == 1 and ", failed 2" in out
+    assert sorted(err.splitlines()) == sorted(expected_err.splitlines())
+    assert [line.split(":")[1].strip() for line in sorted(err.splitlines())] == [str(path) for path in bad]
+    same(served(chroma, "bad"), expected)
+    requests = -(-len(expected) // 4)  # ceil: the good records' requests
+    # each bad file: its group's failed call, itself alone, its group again (a file at a time: 14 calls a group)
+    assert proxy.embeddings <= requests + len(bad) * (4 + 1 + 4)

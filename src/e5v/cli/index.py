@@ -20,8 +20,9 @@ from e5v.defaults import DEFAULT_MODEL
 
 __all__ = ["DEFAULT_CONCURRENCY", "register"]
 
-#: ``--concurrency``: embedding requests in flight at once through ``--server`` (a tiny checkpoint on one
-#: CPU `e5v serve` of a busy 2-core machine indexed 400 notes in 58 s at 4, 77 s at 1 and 2).
+#: ``--concurrency``: embedding requests in flight at once through ``--server``. Measured with a tiny checkpoint on
+#: one CPU `e5v serve` of a shared 2-core machine, 400 notes: 12-15 s at 4, 14-16 s at 1, 17-21 s at 2 (under a
+#: heavier load: 58 s at 4, 77 s at 1 and 2); replicas need at least one request each.
 DEFAULT_CONCURRENCY = 4
 
 EPILOG = """\

@@ -2,8 +2,8 @@
 
 Files are walked (:mod:`e5v.collection.files`), read into records
 (:mod:`e5v.collection.records`; a PDF page by page, :mod:`e5v.collection.pages`),
-embedded a group at a time along ONE path (:func:`_embed`: the group together, else unit
-by unit to leave out what is bad) and written to the store
+embedded a group at a time along ONE path (:func:`_embed`: the group together, leaving
+out the units that fail alone) and written to the store
 (:class:`~e5v.collection.repository.Store`), markers last. Through a server whose client
 sends several requests at once (``RemoteEmbedder(max_in_flight=N)``), a group holds
 enough records for N requests in flight.
@@ -11,6 +11,7 @@ enough records for N requests in flight.
 
 from __future__ import annotations
 
+import itertools
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -294,23 +295,48 @@ def _embed(
     failed: Callable[[U, InvalidInputError], None],
 ) -> list[tuple[U, np.ndarray]]:
     """Embed the items of ``units`` (files, or a PDF's pages) together, each unit's vectors
-    in its items' order; if one item is bad, unit by unit, leaving out (and passing to
-    ``failed``) each unit that fails."""
-    try:
-        vectors = embedder.embed([item for unit in units for item in items(unit)], batch_size=batch_size)
-    except InvalidInputError:
-        logger.debug("a group of %d has a bad item; embedding one at a time", len(units))
-    else:
-        done, start = [], 0
-        for unit in units:
-            count = len(items(unit))
-            done.append((unit, vectors[start : start + count]))
-            start += count
-        return done
-    done = []
-    for unit in units:
+    in its items' order, leaving out (and passing to ``failed``) each unit that fails alone.
+
+    When an item is bad, the unit holding it is embedded alone (it fails: left out; it does
+    not: kept) and the others together again, so that a few bad files cost a few calls, not
+    one call a file; an error that names no item, or a unit that embeds alone, sends the rest
+    unit by unit."""
+    done: dict[int, np.ndarray] = {}
+    left = list(range(len(units)))
+    while left:
+        counts = [len(items(units[number])) for number in left]
         try:
-            done.append((unit, embedder.embed(list(items(unit)), batch_size=batch_size)))
+            vectors = embedder.embed([item for number in left for item in items(units[number])], batch_size=batch_size)
         except InvalidInputError as exc:
-            failed(unit, exc)
-    return done
+            suspect = _holding(exc.index, counts)
+            logger.debug("a group of %d has a bad item (in unit %s)", len(left), suspect)
+            if suspect is None:
+                break
+            number = left.pop(suspect)
+            try:
+                done[number] = embedder.embed(list(items(units[number])), batch_size=batch_size)
+            except InvalidInputError as alone:
+                failed(units[number], alone)
+                continue
+            break  # it embeds alone: the group failed for another reason
+        start = 0
+        for number, count in zip(left, counts):
+            done[number] = vectors[start : start + count]
+            start += count
+        left = []
+    for number in left:
+        try:
+            done[number] = embedder.embed(list(items(units[number])), batch_size=batch_size)
+        except InvalidInputError as exc:
+            failed(units[number], exc)
+    return [(units[number], done[number]) for number in sorted(done)]
+
+
+def _holding(index: int | None, counts: Sequence[int]) -> int | None:
+    """Which of consecutive runs of ``counts`` items holds item ``index`` (``None``: none does)."""
+    if index is None or index < 0:
+        return None
+    for position, end in enumerate(itertools.accumulate(counts)):
+        if index < end:
+            return position
+    return None

@@ -550,7 +550,6 @@ def collection_from_args(
     collection's revision, dtype and prompts (as ``e5v search`` does). Raises
     :class:`~e5v.collection.repository.StoreError` for a missing or empty collection, or another ``--model``."""
     from e5v.collection.repository import Store
-    from e5v.core.embedder import E5VEmbedder
     from e5v.errors import StoreError
 
     store = Store(args.db or ".", args.collection, url=args.chroma_url)
@@ -561,17 +560,5 @@ def collection_from_args(
             f"`e5v index PATH {option} {where} --collection {args.collection}`"
         )
     model = store.model(args.model, args.revision)
-    binding = store.binding
-
-    def load() -> E5VEmbedder:
-        return E5VEmbedder(
-            model,
-            revision=None if binding is None else binding.revision,
-            device=args.device,
-            dtype=args.dtype if args.dtype is not None or binding is None else binding.dtype,
-            batch_size=args.batch_size,
-            prompts=None if binding is None else binding.prompts,
-            **options,
-        )
-
+    load = store.loader(model, device=args.device, dtype=args.dtype, batch_size=args.batch_size, **options)
     return store, model, load

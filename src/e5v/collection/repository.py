@@ -24,7 +24,7 @@ import dataclasses
 import logging
 import re
 import shlex
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -367,6 +367,27 @@ class Store:
         if bound.differences(asked):
             raise StoreError(self._refusal(bound, name, revision, identity))
         return name
+
+    def loader(
+        self, model: str, *, device: str | None, dtype: str | None, batch_size: int | Literal["auto"], **options: Any
+    ) -> Callable[[], E5VEmbedder]:
+        """How to load ``model`` (from :meth:`model`) as the collection's records were embedded:
+        its revision and prompts, and its dtype unless ``dtype`` is given; ``options`` go to
+        :class:`~e5v.core.embedder.E5VEmbedder` as they are. A server loads with it."""
+        binding = self.binding
+
+        def load() -> E5VEmbedder:
+            return E5VEmbedder(
+                model,
+                revision=None if binding is None else binding.revision,
+                device=device,
+                dtype=dtype if dtype is not None or binding is None else binding.dtype,
+                batch_size=batch_size,
+                prompts=None if binding is None else binding.prompts,
+                **options,
+            )
+
+        return load
 
     def _refusal(self, bound: Binding, name: str, revision: str | None, identity: str | None = None) -> str:
         """The one line that refuses a model whose vectors do not compare with the collection's."""

@@ -312,21 +312,10 @@ def _collection(options: ServeOptions) -> tuple[Any, str, Any]:
     """The collection's store, its model, and how to load that model with the collection's
     revision, dtype and prompts (as the single server does)."""
     from e5v.collection.repository import Store
-    from e5v.core.embedder import E5VEmbedder
 
     store = Store(options.db or ".", options.collection, url=options.chroma_url)
     model = store.model(options.model, options.revision)
-    binding = store.binding
-
-    def load() -> E5VEmbedder:
-        return E5VEmbedder(
-            model,
-            revision=None if binding is None else binding.revision,
-            device=options.device,
-            dtype=options.dtype if options.dtype is not None or binding is None else binding.dtype,
-            batch_size=options.batch_size,
-            prompts=None if binding is None else binding.prompts,
-            **_embedder_options(options),
-        )
-
+    load = store.loader(
+        model, device=options.device, dtype=options.dtype, batch_size=options.batch_size, **_embedder_options(options)
+    )
     return store, model, load

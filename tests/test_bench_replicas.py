@@ -56,8 +56,8 @@ def test_a_short_run_reports_every_server_right_answers_and_both_replicas_servin
     assert (report["requests_per_client"], report["repeats"], report["device"]) == (REQUESTS, 1, "cpu")
     arms = {arm["name"]: arm for arm in report["arms"]}
     assert list(arms) == ["ray-1", "ray-2", "single-2", "single-1"]  # the order they ran in
-    assert arms["ray-1"]["command"] == "e5v serve --threads 1 --replicas 1"
-    assert arms["ray-2"]["command"] == "e5v serve --threads 1 --replicas 2"
+    assert arms["ray-1"]["command"] == "e5v serve --replicas 1 --threads 1"
+    assert arms["ray-2"]["command"] == "e5v serve --replicas 2 --threads 1"
     assert arms["single-2"]["command"] == "e5v serve --threads 2" and arms["single-2"]["threads"] == 2
     for name, arm in arms.items():  # every answer a 200 with its text's reference vector
         assert arm["requests"] == CLIENTS * REQUESTS and arm["errors"] == {} and arm["error_count"] == 0, name

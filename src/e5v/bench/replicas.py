@@ -166,11 +166,10 @@ class _Arm:
     threads: int
 
     def options(self, gpus_per_replica: float | None) -> list[str]:
-        options = ["--threads", str(self.threads)]
-        if self.replicas is not None:
-            options += ["--replicas", str(self.replicas)]
-            if gpus_per_replica is not None:
-                options += ["--gpus-per-replica", f"{gpus_per_replica:g}"]
+        options = [] if self.replicas is None else ["--replicas", str(self.replicas)]
+        options += ["--threads", str(self.threads)]
+        if self.replicas is not None and gpus_per_replica is not None:
+            options += ["--gpus-per-replica", f"{gpus_per_replica:g}"]
         return options
 
 
@@ -299,7 +298,10 @@ class _Load:
             bursts = [self._request(client, self.bodies[number % len(self.bodies)]) for number in range(self.clients)]
             for record in await asyncio.gather(*bursts):
                 if record.error is not None:
-                    raise E5VError(f"the server's warm-up: {record.error}: {command}")
+                    raise E5VError(
+                        f"the server's warm-up got {record.error} (each request may take `request_timeout="
+                        f"{self.timeout:g}` s): {command}"
+                    )
                 if replicas is not None and record.replica is None:
                     raise E5VError(f"the Ray server's answer has no {REPLICA_HEADER} header: {command}")
                 seen.add(record.replica or "")

@@ -250,6 +250,9 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(app: str, embedder) -
             answer = post(app, {"input": TEXTS}, timeout=60)  # every request bounded
         except httpx.TransportError as exc:
             return type(exc).__name__, None
+        if answer.status_code == 408:
+            # Ray hands a request whose replica died to another one, whose app never gets its body
+            assert "body did not arrive within the server's body timeout" in error(answer, 408)
         return answer.status_code, vectors(answer) if answer.status_code == 200 else None
 
     remote = RemoteEmbedder(app, api_key=KEY, retries=10)
@@ -264,7 +267,7 @@ def test_a_killed_replica_is_replaced_and_no_request_hangs(app: str, embedder) -
         if status == 200:
             np.testing.assert_allclose(got, expected, atol=ATOL)
         else:
-            assert status in (429, 500, 502, 503, "RemoteProtocolError", "ReadError"), status
+            assert status in (408, 429, 500, 502, 503, "RemoteProtocolError", "ReadError"), status
     assert sum(status == 200 for status, _ in results) >= len(results) // 2
 
     deadline = time.monotonic() + 240

@@ -19,6 +19,7 @@ import httpx
 import psutil
 import pytest
 import yaml
+from scaling import chroma_server
 from serving import KEY, free_port
 
 pytest.importorskip("ray.serve", reason="the ray extra is not installed (pip install 'e5v[ray]')")
@@ -87,29 +88,8 @@ def _gone(processes: list[psutil.Process]) -> list[psutil.Process]:
 @pytest.fixture
 def chroma_url(tmp_path: Path) -> Iterator[str]:
     """A ``chroma run`` server on a free loopback port."""
-    port = free_port()
-    chroma = Path(sys.executable).parent / "chroma"
-    process = subprocess.Popen(
-        [str(chroma), "run", "--path", str(tmp_path / "chroma"), "--host", "127.0.0.1", "--port", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env={**os.environ, "ANONYMIZED_TELEMETRY": "False"},
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:  # bounded: until its heartbeat answers
-            assert process.poll() is None, "chroma run exited"
-            try:
-                if httpx.get(f"{url}/api/v2/heartbeat", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+    with chroma_server(tmp_path / "chroma") as url:
         yield url
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
 
 
 def test_replicas_serve_a_chroma_servers_collection_and_sigterm_stops_their_ray(

@@ -226,6 +226,8 @@ def test_the_builder_takes_serve_runs_string_arguments() -> None:
     deployment = application._bound_deployment  # what Ray deploys
     assert deployment.num_replicas == 3
     assert deployment.ray_actor_options == {"num_cpus": 2, "num_gpus": 0.0}
+    assert deployment.logging_config["enable_access_log"] is False  # Ray's per-request log line: off by default
+    assert build({"model": "tiny", "access_log": "true"})._bound_deployment.logging_config["enable_access_log"] is True
     scaled = ServeOptions(autoscale=True, min_replicas=0, max_replicas=4, target_ongoing_requests=3)
     assert scaled.deployment_options()["autoscaling_config"] == {
         "min_replicas": 0,

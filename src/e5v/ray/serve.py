@@ -139,7 +139,8 @@ class ServeOptions(BaseModel):
 
     def deployment_options(self) -> dict[str, Any]:
         """The Ray Serve deployment's options: replicas or autoscaling, each replica's CPUs
-        (``threads``, else 1) and GPUs, drain and health-check times. Ray routes a replica up
+        (``threads``, else 1) and GPUs, drain and health-check times, and Ray's own per-request access log only
+        with ``access_log`` (each line costs the replica's process time). Ray routes a replica up
         to twice ``max_concurrent_requests`` at once, so the app's own 429 answers those
         beyond its limit and probes still pass."""
         options: dict[str, Any] = {
@@ -149,6 +150,7 @@ class ServeOptions(BaseModel):
             "graceful_shutdown_timeout_s": self.graceful_shutdown_timeout,
             "health_check_period_s": self.health_check_period,
             "health_check_timeout_s": self.health_check_timeout,
+            "logging_config": {"enable_access_log": self.access_log},
         }
         if self.autoscale:
             options["autoscaling_config"] = {

@@ -5,8 +5,12 @@ or when their model fails to load."""
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -14,8 +18,10 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import NamedTuple
 
 import httpx
+import numpy as np
 import psutil
 import pytest
 import yaml
@@ -85,6 +91,20 @@ def _gone(processes: list[psutil.Process]) -> list[psutil.Process]:
     return running
 
 
+def _until_ready(process: subprocess.Popen, url: str) -> None:
+    """Poll ``url``/ready until 200, for at most START_S seconds; the process must not exit meanwhile."""
+    deadline = time.monotonic() + START_S
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the server exited"
+        try:
+            if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} was not ready in {START_S} s")
+
+
 @pytest.fixture
 def chroma_url(tmp_path: Path) -> Iterator[str]:
     """A ``chroma run`` server on a free loopback port."""
@@ -113,15 +133,7 @@ def test_replicas_serve_a_chroma_servers_collection_and_sigterm_stops_their_ray(
     url = f"http://127.0.0.1:{port}"
     ray_processes: list[psutil.Process] = []
     try:
-        deadline = time.monotonic() + START_S
-        while time.monotonic() < deadline:  # bounded: poll /ready until 200
-            assert process.poll() is None, "the server exited"
-            try:
-                if httpx.get(f"{url}/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.5)
+        _until_ready(process, url)
         answer = httpx.post(
             f"{url}/v1/embeddings", json={"input": ["a cat"]}, headers={"Authorization": f"Bearer {KEY}"}, timeout=60
         )
@@ -182,3 +194,137 @@ def test_a_model_that_cannot_load_is_one_line_and_leaves_no_ray(tmp_path: Path) 
     assert "no checkpoint folder" in last and str(tmp_path / "nothing") in last
     assert "Traceback" not in err
     assert children and not _gone(children)
+
+
+class Cluster(NamedTuple):
+    address: str
+    env: dict[str, str]  # joins it: RAY_AUTH_MODE=token and its token
+    pid: int  # of its `ray start`
+
+
+@pytest.fixture
+def ray_cluster() -> Iterator[Cluster]:
+    """A ``ray start --head --block`` cluster on loopback with token authentication, as on a real head node.
+    Stopping ``ray start`` stops the cluster."""
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(32),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "HF_HUB_OFFLINE": "1",
+    }
+    temp = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+    port = free_port()
+    ports = {f"--{name}": str(free_port()) for name in ("ray-client-server-port", "dashboard-port")}
+    command = [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port)]
+    options = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--include-dashboard", "false"]
+    head = subprocess.Popen(
+        [*command, *options, *(item for pair in ports.items() for item in pair), "--temp-dir", temp],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    processes: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + START_S
+        while time.monotonic() < deadline:  # bounded: the GCS accepts connections
+            assert head.poll() is None, "ray start exited"
+            with contextlib.suppress(OSError):
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            time.sleep(0.5)
+        yield Cluster(f"127.0.0.1:{port}", env, head.pid)
+        processes = _descendants(head.pid)
+    finally:
+        head.send_signal(signal.SIGTERM)
+        try:
+            head.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            head.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+    deadline = time.monotonic() + 30
+    while _gone(processes) and time.monotonic() < deadline:  # bounded: the cluster's last processes exit
+        time.sleep(0.5)
+    assert not _gone(processes), [" ".join(child.cmdline())[:100] for child in _gone(processes)]
+
+
+def _serve_actors(cluster: Cluster) -> list[str]:
+    """The Ray Serve actors (controller, proxies, replicas) running in ``cluster``."""
+    lines = [" ".join(process.cmdline()) for process in _gone(_descendants(cluster.pid))]
+    return [line for line in lines if line.startswith(("ray::ServeController", "ray::ProxyActor", "ray::ServeReplica"))]
+
+
+def _embedding(url: str, text: str) -> tuple[list[float], str]:
+    answer = httpx.post(f"{url}/v1/embeddings", json={"input": [text]}, timeout=60)
+    assert answer.status_code == 200, answer.text
+    return answer.json()["data"][0]["embedding"], answer.headers[REPLICA_HEADER]
+
+
+def test_a_joined_cluster_and_serve_run_of_the_printed_config(
+    ray_cluster: Cluster, tiny_path: Path, tmp_path: Path, embedder, capsys
+) -> None:
+    address, env = ray_cluster.address, ray_cluster.env
+    expected = embedder.embed(["a cat on a mat"])[0]
+    port = free_port()
+    log = tempfile.TemporaryFile("w+")  # noqa: SIM115 - read after the process has gone
+    arguments = ["--model", str(tiny_path), "--replicas", "1", "--threads", "1"]
+    joined = subprocess.Popen(
+        [sys.executable, "-m", "e5v", "serve", *arguments, "--ray-address", address, "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    try:
+        _until_ready(joined, f"http://127.0.0.1:{port}")
+        vector, _ = _embedding(f"http://127.0.0.1:{port}", "a cat on a mat")
+        assert np.allclose(vector, expected, atol=1e-5)
+        assert _serve_actors(ray_cluster)
+        joined.send_signal(signal.SIGTERM)
+        assert joined.wait(timeout=90) == 0
+    finally:
+        if joined.poll() is None:
+            joined.kill()
+    log.seek(0)
+    said = log.read()
+    assert "ready: " in said and "1 replica on Ray Serve" in said and "Traceback" not in said, said
+    deadline = time.monotonic() + 30
+    while _serve_actors(ray_cluster) and time.monotonic() < deadline:  # bounded: the Serve instance e5v started stops
+        time.sleep(0.5)
+    assert not _serve_actors(ray_cluster)
+
+    port = free_port()  # the Ray way: the printed config, run by Ray's own `serve run` on the same cluster
+    assert main(["serve", *arguments, "--port", str(port), "--ray-config"]) == 0
+    config = tmp_path / "serve.yaml"
+    config.write_text(capsys.readouterr().out)
+    run = subprocess.Popen(
+        [str(Path(sys.executable).parent / "serve"), "run", str(config), "--address", address],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+    )
+    try:
+        _until_ready(run, f"http://127.0.0.1:{port}")
+        vector, _ = _embedding(f"http://127.0.0.1:{port}", "a cat on a mat")
+        assert np.allclose(vector, expected, atol=1e-5)
+        refused = subprocess.run(  # a cluster already serving: e5v says so and leaves it be
+            [sys.executable, "-m", "e5v", "serve", *arguments, "--ray-address", address, "--port", str(free_port())],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=START_S,
+        )
+        assert refused.returncode == 2, refused.stderr
+        last = refused.stderr.strip().splitlines()[-1]
+        assert last.startswith("e5v serve: error: --ray-address ") and "Ray Serve already runs" in last, last
+        assert "serve deploy serve.yaml" in last and "Traceback" not in refused.stderr
+        assert _embedding(f"http://127.0.0.1:{port}", "a cat on a mat")[0] == vector  # still served
+        run.send_signal(signal.SIGINT)  # Ctrl-C: `serve run` deletes its application
+        assert run.wait(timeout=90) == 0
+    finally:
+        if run.poll() is None:
+            run.kill()
+
+
+def test_an_address_where_nothing_listens_is_refused_at_once(capsys) -> None:
+    said = refusal(capsys, "--replicas", "1", "--ray-address", f"127.0.0.1:{free_port()}")
+    assert "nothing answers there" in said and "ray start --head" in said

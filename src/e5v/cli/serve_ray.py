@@ -21,6 +21,9 @@ __all__ = ["serve_replicas"]
 
 logger = logging.getLogger("e5v.cli.serve")
 
+#: Seconds a Ray cluster's address has to accept a connection before --ray-address is refused.
+JOIN_PROBE_S = 10.0
+
 #: Seconds past --graceful-shutdown-timeout that stopping Serve and Ray may take before e5v exits anyway.
 STOP_MARGIN_S = 30.0
 
@@ -36,6 +39,8 @@ def serve_replicas(args: argparse.Namespace, keys: list[str]) -> int:
     if args.ray_config:
         print_config(args, options)
         return 0
+    if args.ray_address is not None:
+        _reachable(args.ray_address)
     listener = listen(args.host, args.port)  # a port in use is said before Ray starts
     port = listener.getsockname()[1]
     try:
@@ -141,6 +146,7 @@ def _run(args: argparse.Namespace, options: ServeOptions, port: int) -> int:
     handlers = {number: signal.signal(number, lambda *_: stop.set()) for number in (signal.SIGTERM, signal.SIGINT)}
     owned = args.ray_address is None
     started = time.perf_counter()
+    serving = False  # whether this process started Ray Serve (and so stops it)
     try:
         if owned:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # a local cluster reports nothing anywhere
@@ -155,9 +161,10 @@ def _run(args: argparse.Namespace, options: ServeOptions, port: int) -> int:
                 configure_logging=False,
             )
         else:
-            ray.init(address=args.ray_address, logging_level=logging.WARNING, configure_logging=False)
+            _join(args.ray_address, bool(args.verbose))
         for number in handlers:  # ray.init installs its own
             signal.signal(number, lambda *_: stop.set())
+        serving = True
         serve.start(
             http_options={"host": args.host, "port": port, "keep_alive_timeout_s": _whole(args.keep_alive_timeout)}
         )
@@ -173,7 +180,7 @@ def _run(args: argparse.Namespace, options: ServeOptions, port: int) -> int:
     finally:
         for number in handlers:
             signal.signal(number, signal.SIG_IGN)  # a second signal does not cut the shutdown short
-        _shutdown(args.graceful_shutdown_timeout + STOP_MARGIN_S)
+        _shutdown(args.graceful_shutdown_timeout + STOP_MARGIN_S, serving=serving, owned=owned)
         for number, handler in handlers.items():
             signal.signal(number, handler)
 
@@ -183,8 +190,54 @@ def _whole(seconds: float) -> int:
     return max(1, round(seconds))
 
 
-def _shutdown(limit: float) -> None:
-    """Stop the application within ``limit`` seconds, then leave Ray (a cluster e5v started stops)."""
+def _join(address: str, verbose: bool) -> None:
+    """Connect to the Ray cluster at ``address``; refused when it is unreachable or already runs Ray Serve."""
+    import ray
+    from ray import serve
+
+    from e5v.errors import ConfigurationError
+
+    try:
+        ray.init(address=address, logging_level=logging.WARNING, log_to_driver=verbose, configure_logging=False)
+    except ConnectionError as exc:
+        raise ConfigurationError(
+            f"--ray-address {address}: {str(exc).rstrip('.')}. Start Ray there with `ray start --head`; "
+            "a cluster with token authentication (`ray start`'s default once ~/.ray/auth_token exists) "
+            "is joined with RAY_AUTH_MODE=token and its token (RAY_AUTH_TOKEN, or ~/.ray/auth_token) "
+            "in this environment"
+        ) from None
+    running = serve.status()
+    if not (running.proxies or running.applications):
+        return  # no Serve instance yet: e5v starts one, and stops it when it stops
+    raise ConfigurationError(
+        f"--ray-address {address}: Ray Serve already runs on this cluster, on its own port and options; "
+        "deploy e5v into it the Ray way (`e5v serve ... --ray-config > serve.yaml`, then `serve deploy serve.yaml`), "
+        "or stop it first (`serve shutdown`)"
+    )
+
+
+def _reachable(address: str) -> None:
+    """Refuse a ``host:port`` address where nothing listens (Ray would retry it for many minutes);
+    ``auto`` and ``ray://`` addresses are Ray's to resolve."""
+    import socket
+
+    from e5v.errors import ConfigurationError
+
+    host, colon, port = address.rpartition(":")
+    if not colon or "://" in address or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=JOIN_PROBE_S).close()
+    except OSError as exc:
+        raise ConfigurationError(
+            f"--ray-address {address}: nothing answers there ({exc.strerror or exc}); "
+            "start Ray there with `ray start --head --port PORT`, or give the head node's GCS address"
+        ) from None
+
+
+def _shutdown(limit: float, *, serving: bool, owned: bool) -> None:
+    """Stop what this process started within ``limit`` seconds, then leave Ray: on a cluster e5v
+    started, its application (Ray stops the rest); on a joined one, the Serve instance it started."""
     import ray
     from ray import serve
 
@@ -192,16 +245,21 @@ def _shutdown(limit: float) -> None:
 
     def stop() -> None:
         try:
-            if ray.is_initialized():
-                serve.delete(APP_NAME)  # its replicas drain, then stop; ray.shutdown stops the rest of an owned cluster
+            if not ray.is_initialized():
+                return
+            if owned:
+                serve.delete(APP_NAME)  # its replicas drain, then stop; ray.shutdown stops the rest of the cluster
+            else:
+                serve.shutdown()  # the application drains, then Serve's controller and proxies stop
         except Exception as exc:  # Ray's own failure to stop: said, and the cluster still goes
             logger.warning("Ray Serve did not stop cleanly: %s", exc)
 
-    stopping = threading.Thread(target=stop, name="e5v-ray-stop", daemon=True)
-    stopping.start()
-    stopping.join(limit)
-    if stopping.is_alive():
-        logger.warning("Ray Serve did not stop within %g s; stopping Ray", limit)
+    if serving:
+        stopping = threading.Thread(target=stop, name="e5v-ray-stop", daemon=True)
+        stopping.start()
+        stopping.join(limit)
+        if stopping.is_alive():
+            logger.warning("Ray Serve did not stop within %g s; stopping Ray", limit)
     ray.shutdown()
 
 

@@ -79,7 +79,7 @@ def _descendants(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
 
-def _gone(processes: list[psutil.Process]) -> list[psutil.Process]:
+def _running(processes: list[psutil.Process]) -> list[psutil.Process]:
     """Those of ``processes`` still running (a zombie has exited)."""
     running = []
     for process in processes:
@@ -89,6 +89,14 @@ def _gone(processes: list[psutil.Process]) -> list[psutil.Process]:
         except psutil.NoSuchProcess:
             pass
     return running
+
+
+def _until_exited(processes: list[psutil.Process]) -> None:
+    """Wait up to 30 s for every one of ``processes`` to exit (Ray's last ones take a moment); fail if one runs on."""
+    deadline = time.monotonic() + 30
+    while _running(processes) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert not _running(processes), [" ".join(child.cmdline())[:100] for child in _running(processes)]
 
 
 def _until_ready(process: subprocess.Popen, url: str) -> None:
@@ -161,10 +169,7 @@ def test_replicas_serve_a_chroma_servers_collection_and_sigterm_stops_their_ray(
         if process.poll() is None:
             process.kill()
             process.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while _gone(ray_processes) and time.monotonic() < deadline:  # bounded: Ray's last processes exit
-        time.sleep(0.5)
-    assert not _gone(ray_processes), [" ".join(child.cmdline())[:100] for child in _gone(ray_processes)]
+    _until_exited(ray_processes)
     log.seek(0)
     said = log.read()
     assert "ready: " in said and "2 replicas on Ray Serve" in said, said
@@ -193,7 +198,7 @@ def test_a_model_that_cannot_load_is_one_line_and_leaves_no_ray(tmp_path: Path) 
     assert last.startswith("e5v serve: error: the replicas did not start: "), err
     assert "no checkpoint folder" in last and str(tmp_path / "nothing") in last
     assert "Traceback" not in err
-    assert children and not _gone(children)
+    assert children and not _running(children)
 
 
 class Cluster(NamedTuple):
@@ -242,15 +247,12 @@ def ray_cluster() -> Iterator[Cluster]:
         except subprocess.TimeoutExpired:
             head.kill()
         shutil.rmtree(temp, ignore_errors=True)
-    deadline = time.monotonic() + 30
-    while _gone(processes) and time.monotonic() < deadline:  # bounded: the cluster's last processes exit
-        time.sleep(0.5)
-    assert not _gone(processes), [" ".join(child.cmdline())[:100] for child in _gone(processes)]
+    _until_exited(processes)
 
 
 def _serve_actors(cluster: Cluster) -> list[str]:
     """The Ray Serve actors (controller, proxies, replicas) running in ``cluster``."""
-    lines = [" ".join(process.cmdline()) for process in _gone(_descendants(cluster.pid))]
+    lines = [" ".join(process.cmdline()) for process in _running(_descendants(cluster.pid))]
     return [line for line in lines if line.startswith(("ray::ServeController", "ray::ProxyActor", "ray::ServeReplica"))]
 
 

@@ -245,8 +245,6 @@ def _shutdown(limit: float, *, serving: bool, owned: bool) -> None:
 
     def stop() -> None:
         try:
-            if not ray.is_initialized():
-                return
             if owned:
                 serve.delete(APP_NAME)  # its replicas drain, then stop; ray.shutdown stops the rest of the cluster
             else:
